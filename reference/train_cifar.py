@@ -1,0 +1,158 @@
+"""Train the bundled CIFAR-10 ViT (``cifar10_vit_d6``) on the CPU or a GPU.
+
+Recipe: AdamW (lr 1e-3, weight decay 0.05, betas 0.9/0.999), batch 128, linear warm-up for
+half an epoch then cosine decay to 0, label smoothing 0.1, augmentation = random crop 32 with
+4-pixel reflect padding + horizontal flip, no drop-path, 12 epochs. Seeded; every epoch writes
+``last.pt`` (model, optimizer, epoch, RNG state) into ``--out`` so a stopped run resumes with
+``--resume``, and appends one JSON line (loss, test accuracy, wall time) to ``log.jsonl``.
+The final weights go to ``final.safetensors`` (fp16).
+
+    python -m reference.train_cifar --data ../shared/datasets/cifar10-jpeg.zip --out runs/cifar
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import cifar_model
+from .cifar import MEAN, STD, load_split
+
+
+def _cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    f = cache / f"cifar10_{split}.npz"
+    if f.exists():
+        z = np.load(f)
+        return z["x"], z["y"]
+    x, y, _ = load_split(data, split)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(f, x=x, y=y)
+    return x, y
+
+
+def _to_tensor(x: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> normalized float NCHW."""
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (t - mean) / std
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random crop 32 from the 4-pixel reflect-padded image, then random horizontal flip."""
+    n = x.shape[0]
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    ox = torch.randint(0, 9, (n,), generator=g)
+    oy = torch.randint(0, 9, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        img = padded[i, :, oy[i]:oy[i] + 32, ox[i]:ox[i] + 32]
+        out[i] = img.flip(-1) if flip[i] else img
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch):
+        logits = model(_to_tensor(x[i:i + batch]))
+        correct += int((logits.argmax(1).numpy() == y[i:i + batch]).sum())
+    return correct / len(x)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="cifar10-jpeg.zip or an extracted train/ test/ tree")
+    ap.add_argument("--out", required=True, help="run folder (checkpoints, log, final weights)")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--drop-path", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/intsim"), help="decoded-array cache")
+    a = ap.parse_args(argv)
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    xtr, ytr = _cached_split(Path(a.data), "train", Path(a.cache))
+    xte, yte = _cached_split(Path(a.data), "test", Path(a.cache))
+
+    torch.manual_seed(a.seed)
+    model = cifar_model.build(drop_path_rate=a.drop_path).to(a.device)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
+    steps_per_epoch = len(xtr) // a.batch
+    total = steps_per_epoch * a.epochs
+    warm = steps_per_epoch // 2
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return a.lr * (step + 1) / warm
+        return 0.5 * a.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    g = torch.Generator().manual_seed(a.seed)
+    start_epoch, elapsed = 0, 0.0
+    ck = out / "last.pt"
+    if a.resume and ck.exists():
+        state = torch.load(ck, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        start_epoch, elapsed = state["epoch"], state["elapsed"]
+        print(f"resumed after epoch {start_epoch} ({elapsed / 60:.1f} min so far)")
+
+    for epoch in range(start_epoch, a.epochs):
+        t0 = time.time()
+        model.train()
+        perm = torch.randperm(len(xtr), generator=g).numpy()
+        tot_loss = 0.0
+        for s in range(steps_per_epoch):
+            idx = perm[s * a.batch:(s + 1) * a.batch]
+            xb = _augment(_to_tensor(xtr[idx]), g).to(a.device)
+            yb = torch.from_numpy(ytr[idx]).to(a.device)
+            for pg in opt.param_groups:
+                pg["lr"] = lr_at(epoch * steps_per_epoch + s)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_loss += loss.item()
+            if s % 50 == 0:
+                print(f"epoch {epoch + 1} step {s}/{steps_per_epoch} loss {loss.item():.3f}", flush=True)
+        acc = evaluate(model.cpu() if a.device == "cpu" else model, xte, yte)
+        elapsed += time.time() - t0
+        rec = {"epoch": epoch + 1, "train_loss": tot_loss / steps_per_epoch, "test_top1": acc,
+               "elapsed_min": elapsed / 60, "lr_end": lr_at((epoch + 1) * steps_per_epoch - 1)}
+        print(json.dumps(rec), flush=True)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": g.get_state(),
+                    "epoch": epoch + 1, "elapsed": elapsed, "args": vars(a)}, out / "last.tmp")
+        os.replace(out / "last.tmp", ck)
+
+    from safetensors.torch import save_file
+    sd = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / "final.safetensors"), metadata={"recipe": json.dumps(vars(a)), "model": cifar_model.NAME})
+    print(f"done: {elapsed / 60:.1f} min, final test top-1 {acc:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
