@@ -1,0 +1,64 @@
+"""Calibration configuration and the resolved precision settings of the exported program."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from program.format import DEFAULT_SETTINGS
+from program.quantizers import TYPES as SOFTMAX_TYPES
+
+LN_RULES = ("mosf", "mean")
+
+
+@dataclass
+class CalibConfig:
+    """What to calibrate and how.
+
+    * ``wbits`` / ``abits``: weight / activation code widths (2..8). ``abits`` also sets the
+      post-softmax quantizer width.
+    * ``softmax_quant``: post-softmax quantizer family, ``uniform`` | ``log2`` | ``log2sqrt`` | ``tanq``.
+    * ``ln_rule``: shared post-LayerNorm scale, ``mosf`` (median of the channel scales, DopQ-ViT) or
+      ``mean`` (RepQ-ViT).
+    * ``seed``: seeds every subsample (the result is a pure function of inputs and config).
+    * ``settings``: overrides of ``program.format.DEFAULT_SETTINGS`` (integer datapath widths);
+      ``wbits`` / ``abits`` there must agree with the fields above.
+    """
+
+    wbits: int = 4
+    abits: int = 4
+    softmax_quant: str = "tanq"
+    ln_rule: str = "mosf"
+    seed: int = 0
+    settings: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("wbits", "abits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 2 <= v <= 8:
+                raise ValueError(f"{name} must be an integer in 2..8, got {v!r}")
+        if self.softmax_quant not in SOFTMAX_TYPES:
+            raise ValueError(f"softmax_quant must be one of {', '.join(SOFTMAX_TYPES)}, got {self.softmax_quant!r}")
+        if self.ln_rule not in LN_RULES:
+            raise ValueError(f"ln_rule must be one of {', '.join(LN_RULES)}, got {self.ln_rule!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        unknown = sorted(set(self.settings) - set(DEFAULT_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown settings {', '.join(unknown)} (known: {', '.join(DEFAULT_SETTINGS)})")
+        for k, v in self.settings.items():
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"setting {k} must be an integer, got {v!r}")
+        for name in ("wbits", "abits"):
+            if name in self.settings and self.settings[name] != getattr(self, name):
+                raise ValueError(f"settings[{name!r}]={self.settings[name]} disagrees with {name}={getattr(self, name)}")
+
+    def resolved_settings(self) -> dict[str, int]:
+        """DEFAULT_SETTINGS overridden by ``settings`` and by ``wbits`` / ``abits`` (sorted keys)."""
+        self.validate()
+        s = {**DEFAULT_SETTINGS, **self.settings, "wbits": self.wbits, "abits": self.abits}
+        return {k: int(s[k]) for k in sorted(s)}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["settings"] = {k: int(v) for k, v in sorted(self.settings.items())}
+        return d

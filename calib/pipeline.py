@@ -1,0 +1,177 @@
+"""The calibration driver: a timm ViT and calibration images in, an integer program out.
+
+Order of work (float model throughout; no quantized activation feeds a later statistic):
+
+1. fold the input normalization and the class token (``reference.vit.params_from_timm``);
+2. patch embedding on all images (kept: the residual entering block 0, (N, T, D) float32);
+3. per block, one float forward over the images in chunks with a
+   :class:`calib.observers.BlockObserver` (memory-bounded samples), then:
+   post-LN per-channel calibration + MOSF / mean reparameterization of norm1 -> q/k/v and
+   norm2 -> fc1 (re-searching the shared per-tensor range afterwards), percentile searches of
+   q, k, v, attention output and GELU output, the post-softmax quantizer search, weight
+   quantization of q, k, v, proj, fc1, fc2, and the residual / GELU-input scales; the block's
+   float output becomes the next block's input;
+4. final LayerNorm (class token) reparameterized into the head; head weights; logit scale;
+5. export (``calib.export.build_program``).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from program.format import Program
+from reference.vit import ViTParams, block_forward, embed, layer_norm, params_from_timm
+
+from . import reparam as rp
+from . import softmax_search
+from .config import CalibConfig
+from .export import build_program
+from .observers import BlockObserver, Budget, point_rng
+from .state import BlockCalib, LinearCalib, LNCalib, ModelCalib
+from .uniform import PERCENTILES, SHRINK, absmax_scale, quantize_weight, search_activation, search_channels
+
+CHUNK = 32  # images per forward chunk
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy()
+
+
+def _subsample(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    x = x.ravel()
+    return x if x.size <= k else x[rng.integers(0, x.size, size=k)]
+
+
+def calibrate_ln(name: str, rows: np.ndarray, gamma, beta, consumers: list[tuple], bits: int, rule: str,
+                 seed: int, budget: Budget) -> tuple[LNCalib, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per-channel calibration of a post-LN activation (rows (M, D)), shared quantizer by ``rule``,
+    reparameterization of the LN affine and of the consumers ``[(W, b), ...]``, and a re-search of
+    the per-tensor range of the reparameterized activation (the rule's own (s, z) is a candidate)."""
+    s_c, z_c = search_channels(rows, bits)
+    r = rp.shared(s_c, z_c, rule)
+    g2, b2 = rp.apply_ln(_np(gamma), _np(beta), r)
+    lins = [rp.apply_linear(_np(W), _np(b), r) for W, b in consumers]
+    sample = _subsample(rp.transform(rows, r), budget.elements, point_rng(seed, name + "/reparam"))
+    act = search_activation(sample, bits, extra=[(r.s, r.z)])
+    return LNCalib(gamma=g2, beta=b2, act=act, reparam=r), lins
+
+
+def _linear(W, b, wbits: int) -> LinearCalib:
+    W = _np(W) if isinstance(W, torch.Tensor) else W
+    b = _np(b) if isinstance(b, torch.Tensor) else b
+    return LinearCalib(weight=quantize_weight(W, wbits), bias=np.asarray(b, np.float64))
+
+
+def calibrate_block(bp, r: torch.Tensor, index: int, params: ViTParams, config: CalibConfig,
+                    settings: dict[str, int], budget: Budget) -> tuple[BlockCalib, torch.Tensor]:
+    """Calibrate block ``index`` from its float input ``r`` (N, T, D); returns it and the block output."""
+    N, T, _ = r.shape
+    wb, ab, seed, rule = settings["wbits"], settings["abits"], config.seed, config.ln_rule
+    obs = BlockObserver(index, N, T, params.num_heads, seed, budget)
+    outs = []
+    for s in range(0, N, CHUNK):
+        obs.start_chunk(s, min(CHUNK, N - s))
+        outs.append(block_forward(bp, r[s:s + CHUNK], index, params.num_heads, params.eps, obs.hook, obs.tap))
+    out = torch.cat(outs)
+    pre = f"blocks.{index}"
+
+    norm1, (q, k, v) = calibrate_ln(f"{pre}.norm1", obs.rows_of(f"{pre}.norm1"), bp.norm1_w, bp.norm1_b,
+                                    [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)], ab, rule, seed, budget)
+    probs, vh = obs.attention()
+    norm2, (fc1,) = calibrate_ln(f"{pre}.norm2", obs.rows_of(f"{pre}.norm2"), bp.norm2_w, bp.norm2_b,
+                                 [(bp.fc1_w, bp.fc1_b)], ab, rule, seed, budget)
+    bc = BlockCalib(
+        norm1=norm1,
+        q=_linear(*q, wb), k=_linear(*k, wb), v=_linear(*v, wb),
+        q_act=search_activation(obs.sample_of(f"{pre}.attn.q"), ab),
+        k_act=search_activation(obs.sample_of(f"{pre}.attn.k"), ab),
+        v_act=search_activation(obs.sample_of(f"{pre}.attn.v"), ab),
+        softmax=softmax_search.search(config.softmax_quant, ab, probs, vh, settings["prob_bits"]),
+        core=search_activation(obs.sample_of(f"{pre}.attn.core"), ab),
+        proj=_linear(bp.proj_w, bp.proj_b, wb),
+        res1=absmax_scale(obs.absmax[f"{pre}.add1"], settings["residual_bits"]),
+        norm2=norm2,
+        fc1=_linear(*fc1, wb),
+        fc1_scale=absmax_scale(obs.absmax[f"{pre}.mlp.fc1"], settings["gelu_bits"]),
+        gelu=search_activation(obs.sample_of(f"{pre}.mlp.gelu"), ab),
+        fc2=_linear(bp.fc2_w, bp.fc2_b, wb),
+        res2=absmax_scale(obs.absmax[f"{pre}.add2"], settings["residual_bits"]),
+    )
+    return bc, out
+
+
+def calibrate_params(params: ViTParams, images: np.ndarray, config: CalibConfig, settings: dict[str, int],
+                     progress: bool = True, budget: Budget | None = None) -> ModelCalib:
+    """Calibrate folded float parameters on uint8 images (N, 3, H, W); see the module docstring."""
+    budget = budget or Budget()
+    N = images.shape[0]
+    wb, ab = settings["wbits"], settings["abits"]
+    r = torch.cat([embed(params, images[s:s + CHUNK]) for s in range(0, N, CHUNK)])
+    D = params.embed_dim
+    res0 = absmax_scale(float(r.abs().max()), settings["residual_bits"])
+    patch = _linear(params.patch_w.reshape(D, -1), params.patch_b, wb)
+    blocks = []
+    for i in tqdm(range(params.depth), desc="calibrating", unit="block", disable=not progress, leave=False):
+        bc, r = calibrate_block(params.blocks[i], r, i, params, config, settings, budget)
+        blocks.append(bc)
+    y = layer_norm(r[:, :1], params.norm_w, params.norm_b, params.eps)[:, 0]      # (N, D) class tokens
+    logits = torch.nn.functional.linear(y, params.head_w, params.head_b)
+    norm, ((hw, hb),) = calibrate_ln("norm", _np(y), params.norm_w, params.norm_b,
+                                     [(params.head_w, params.head_b)], ab, config.ln_rule, config.seed, budget)
+    return ModelCalib(
+        img_size=params.img_size, patch_size=params.patch_size, num_heads=params.num_heads, eps=params.eps,
+        patch=patch, pos=_np(params.pos), res0=res0, blocks=blocks, norm=norm,
+        head=_linear(hw, hb, wb),
+        logit_scale=absmax_scale(float(logits.abs().max()), settings["logit_bits"]),
+    )
+
+
+def _check_images(images, img_size: int) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.numpy()
+    images = np.ascontiguousarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"calibration images must be uint8, got {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (img_size, img_size):
+        raise ValueError(f"calibration images must be (N, 3, {img_size}, {img_size}), got {images.shape}")
+    if images.shape[0] < 1:
+        raise ValueError("no calibration images")
+    return images
+
+
+def calibrate(model, images, mean, std, config: CalibConfig | None = None, provenance: dict | None = None,
+              progress: bool = True) -> Program:
+    """Post-training quantization (DopQ-ViT) of a timm ``VisionTransformer`` into an integer program.
+
+    ``model``: timm VisionTransformer (put in eval mode); ``images``: uint8 (N, 3, H, W), already
+    resized / cropped, raw pixels; ``mean`` / ``std``: the model's input normalization (3 each);
+    ``config``: :class:`CalibConfig`; ``provenance``: caller's record (model name, checkpoint...),
+    stored in the header with the calibration settings added under ``"calibration"``.
+    Deterministic: the same inputs and config give a byte-identical saved program.
+    """
+    config = config or CalibConfig()
+    settings = config.resolved_settings()
+    model.eval()
+    with torch.no_grad():
+        params = params_from_timm(model, mean, std)
+        imgs = _check_images(images, params.img_size)
+        budget = Budget()
+        mc = calibrate_params(params, imgs, config, settings, progress, budget)
+    prov = dict(provenance or {})
+    prov["calibration"] = {
+        **config.to_dict(),
+        "method": "DopQ-ViT (TanQ + MOSF), calibration only" if (config.softmax_quant, config.ln_rule) == ("tanq", "mosf")
+        else "DopQ-ViT pipeline, ablation",
+        "num_images": int(imgs.shape[0]),
+        "images_sha256": hashlib.sha256(imgs.tobytes()).hexdigest(),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "activation_percentiles": list(PERCENTILES),
+        "weight_shrink": list(SHRINK),
+        "sample_budget": {"rows": budget.rows, "elements": budget.elements,
+                          "softmax_images": budget.softmax_images, "softmax_rows": budget.softmax_rows},
+    }
+    return build_program(mc, settings, prov)

@@ -1,0 +1,416 @@
+"""The ``intsim`` command line.
+
+    intsim run         calibrate (or load --program) and compare float, fake-quant, engine and golden
+    intsim calibrate   calibrate and write the integer program
+    intsim inspect     summarize a program file
+    intsim bundle      (maintainers) rebuild the bundled image set from the CIFAR-10 zip
+
+Bad input (unknown model, bits out of range, unreadable files, unwritable outputs...) prints one
+message and exits with code 2, before any long work starts, and leaves no partial output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+SOFTMAX_QUANTS = ("tanq", "uniform", "log2", "log2sqrt")
+LN_RULES = ("mosf", "mean")
+
+
+# ---- helpers --------------------------------------------------------------------------
+
+def _bits(v: str) -> int:
+    try:
+        b = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer from 2 to 8, not '{v}'") from None
+    if not 2 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be from 2 to 8, not {b}")
+    return b
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not '{v}'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {n}")
+    return n
+
+
+def _count_or_all(v: str) -> int | None:
+    return None if v == "all" else _positive(v)
+
+
+def check_writable(path: str | None, what: str) -> None:
+    """Fail now (exit 2) if ``path`` cannot be written, rather than after the long work."""
+    if path is None:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a folder, not a file path")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {what} {p}: folder {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".intsim-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write {what} {p}: {e.strerror}") from None
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o):
+    import numpy as np
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    raise TypeError(type(o))
+
+
+def _parse_settings(items: list[str]) -> dict[str, int]:
+    from program.format import DEFAULT_SETTINGS
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UserError(f"--set expects KEY=VALUE, got '{it}'")
+        k, v = it.split("=", 1)
+        if k not in DEFAULT_SETTINGS or k in ("wbits", "abits"):
+            known = ", ".join(s for s in DEFAULT_SETTINGS if s not in ("wbits", "abits"))
+            raise UserError(f"unknown setting '{k}' (settings: {known}; use --bits/--wbits/--abits for widths)")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            raise UserError(f"setting {k} must be an integer, not '{v}'") from None
+    return out
+
+
+# ---- argument groups ------------------------------------------------------------------
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from reference.zoo import DEFAULT_MODEL, MODELS
+    g = p.add_argument_group("model and weights")
+    g.add_argument("--model", default=None,
+                   help=f"model short name (default {DEFAULT_MODEL}, the bundled CIFAR-10 ViT): {', '.join(MODELS)}")
+    g.add_argument("--weights", choices=("pretrained", "random"), default=None,
+                   help="pretrained (bundled or timm weights; default) or seeded random weights for structural "
+                        "studies (accuracy is then meaningless)")
+    g.add_argument("--checkpoint", metavar="PATH", help="state dict to load (.safetensors, .pth, .bin)")
+    g.add_argument("--seed", type=int, default=0, help="seed of random weights, image draws and calibration (0)")
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--bits", type=_bits, default=4, help="weight and activation bits, 2..8 (default 4)")
+    g.add_argument("--wbits", type=_bits, help="weight bits (overrides --bits)")
+    g.add_argument("--abits", type=_bits, help="activation bits (overrides --bits)")
+    g.add_argument("--softmax-quant", choices=SOFTMAX_QUANTS, default="tanq",
+                   help="post-softmax quantizer (default tanq, DopQ-ViT)")
+    g.add_argument("--ln-rule", choices=LN_RULES, default="mosf",
+                   help="post-LayerNorm shared scale: mosf (median, DopQ-ViT; default) or mean (RepQ-ViT)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="precision setting of the program, e.g. --set residual_bits=12 "
+                        "(see docs/integer-spec.md section 7)")
+    g.add_argument("--calib-data", metavar="PATH",
+                   help="calibration images: ImageFolder tree or zip (default: the bundled CIFAR-10 "
+                        "calibration set; a CIFAR-style zip/tree with train/ uses train/)")
+    g.add_argument("--calib-images", type=_positive, default=32, help="number of calibration images (32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="intsim",
+        description="DopQ-ViT post-training quantization of Vision Transformers and a bit-exact "
+                    "integer-only simulator. Run 'intsim run' for the bundled default.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="calibrate (or load a program) and compare float, fake-quant, engine and golden",
+                       description="Calibrate the model (or load --program) and evaluate four levels on the same "
+                                   "images: float (timm), fake-quant (the paper's semantics), engine (Numba, integer "
+                                   "only) and golden (plain integer reference, on the first --golden-images). "
+                                   "Prints a table; --json writes the same figures.")
+    _add_model_args(r)
+    _add_calib_args(r)
+    g = r.add_argument_group("evaluation")
+    g.add_argument("--program", metavar="FILE", help="load this program instead of calibrating")
+    g.add_argument("--data", metavar="PATH",
+                   help="evaluation images: ImageFolder tree (class folders sorted give labels) or zip; the "
+                        "CIFAR-10 zip uses its test/ split (default: the bundled 2,000 CIFAR-10 test images)")
+    g.add_argument("--images", type=_count_or_all, default=None,
+                   help="number of evaluation images, or 'all' (default: 2000 for 32-pixel models, 128 for "
+                        "224-pixel models)")
+    g.add_argument("--golden-images", type=_count_or_all, default=32,
+                   help="run the golden model on the first N evaluation images, or 'all' (default 32)")
+    g.add_argument("--batch-size", type=_positive, default=32, help="batch size of every level (32)")
+    g.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    g.add_argument("--save-program", metavar="FILE", help="also write the calibrated program here")
+
+    c = sub.add_parser("calibrate", help="calibrate and write the integer program",
+                       description="Calibrate the model with DopQ-ViT (or a baseline) and write the integer "
+                                   "program file (safetensors + JSON header).")
+    _add_model_args(c)
+    _add_calib_args(c)
+    c.add_argument("-o", "--out", required=True, metavar="FILE", help="program file to write")
+
+    i = sub.add_parser("inspect", help="summarize a program file",
+                       description="Print a program's model, settings, provenance and op list.")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+
+    b = sub.add_parser("bundle", help="(maintainers) rebuild the bundled CIFAR-10 image set",
+                       description="Draw the bundled calibration and evaluation images from the CIFAR-10 zip.")
+    b.add_argument("cifar_zip")
+    b.add_argument("--calib", type=_positive, default=1024)
+    b.add_argument("--eval", type=_positive, default=2000)
+    return ap
+
+
+# ---- commands -------------------------------------------------------------------------
+
+def _transform(spec):
+    from reference.zoo import data_config
+
+    from .data import Transform
+    dc = data_config(spec)
+    return Transform(size=dc["input_size"][-1], crop_pct=dc["crop_pct"], interpolation=dc["interpolation"]), dc
+
+
+def _calib_config(a):
+    from calib import CalibConfig
+    return CalibConfig(wbits=a.wbits or a.bits, abits=a.abits or a.bits, softmax_quant=a.softmax_quant,
+                       ln_rule=a.ln_rule, seed=a.seed, settings=_parse_settings(a.set))
+
+
+def _versions() -> dict:
+    import numba
+    import numpy
+    import timm
+    import torch
+
+    from . import __version__
+    return {"intsim": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "numba": numba.__version__}
+
+
+def _load_calib_images(a, spec, progress):
+    from .data import load_images
+    tf, _ = _transform(spec)
+    return load_images(a.calib_data, tf, a.calib_images, split="calib", seed=a.seed, progress=progress)
+
+
+def _calibrate(a, model, spec, info, cal, progress):
+    """Calibrate ``model`` on the calibration ImageSet ``cal``; returns (program, seconds)."""
+    from calib import calibrate
+    _, dc = _transform(spec)
+    cfg = _calib_config(a)
+    prov = dict(info)
+    prov.update(seed=a.seed, calib_source=cal.source, calib_images=cal.ids, versions=_versions())
+    t0 = time.perf_counter()
+    prog = calibrate(model, cal.images, dc["mean"], dc["std"], cfg, provenance=prov, progress=progress)
+    return prog, time.perf_counter() - t0
+
+
+def cmd_calibrate(a) -> int:
+    from program.format import save
+    from reference.zoo import DEFAULT_MODEL, load_model
+    check_writable(a.out, "program file")
+    _parse_settings(a.set)
+    progress = not a.no_progress
+    model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
+                                   checkpoint=a.checkpoint, seed=a.seed)
+    cal = _load_calib_images(a, spec, progress)
+    prog, secs = _calibrate(a, model, spec, info, cal, progress)
+    save(prog, a.out)
+    print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.2f} MB) in {secs:.1f} s of calibration")
+    return 0
+
+
+def _model_for_program(a, prog):
+    """The float model matching a loaded program: explicit options win, else the provenance."""
+    from reference.zoo import load_model
+    prov = prog.header.get("provenance", {})
+    name = prog.model.get("name") or prov.get("model")
+    if a.model and a.model != name:
+        raise UserError(f"--model {a.model} does not match the program's model '{name}'")
+    if a.checkpoint or a.weights:
+        return load_model(name, weights=a.weights or "pretrained", checkpoint=a.checkpoint, seed=a.seed)
+    src = prov.get("weights")
+    if src == "random":
+        return load_model(name, weights="random", seed=int(prov.get("seed", 0)))
+    if src == "checkpoint" and prov.get("checkpoint") and Path(prov["checkpoint"]).is_file():
+        return load_model(name, checkpoint=prov["checkpoint"])
+    return load_model(name, weights="pretrained")
+
+
+def cmd_run(a) -> int:
+    import numpy as np
+
+    from program.format import load, save
+    from reference.golden import run as golden_run
+    from reference.vit import FakeQuantViT
+    from reference.zoo import DEFAULT_MODEL, load_model
+
+    from . import evaluate as ev
+    from .data import load_images
+    from .engine import Engine
+
+    check_writable(a.json, "JSON report")
+    check_writable(a.save_program, "program file")
+    _parse_settings(a.set)
+    progress = not a.no_progress
+    calib_s = None
+    if a.program:
+        prog = load(a.program)
+        model, spec, info = _model_for_program(a, prog)
+    else:
+        model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
+                                       checkpoint=a.checkpoint, seed=a.seed)
+    tf, dc = _transform(spec)
+    n_images = a.images if a.images is not None else (2000 if tf.size <= 64 else 128)
+    if a.images is None and a.data is not None:
+        n_images = None
+    # Read every input before the long work, so bad data fails in seconds.
+    data = load_images(a.data, tf, n_images, split="eval", seed=a.seed, progress=progress)
+    imgs, labels = data.images, data.labels
+    if not a.program:
+        cal = _load_calib_images(a, spec, progress)
+        prog, calib_s = _calibrate(a, model, spec, info, cal, progress)
+        if a.save_program:
+            save(prog, a.save_program)
+    n_golden = len(imgs) if a.golden_images is None else min(a.golden_images, len(imgs))
+
+    evaluation = ev.Evaluation()
+    evaluation.levels["float"] = ev.run_float(model, imgs, dc["mean"], dc["std"], a.batch_size, progress)
+    fq = FakeQuantViT(prog)
+    evaluation.levels["fakequant"] = ev.run_fakequant(fq, imgs, a.batch_size, progress)
+    scale = float(prog.values[prog.output]["scale"])
+    t0 = time.perf_counter()
+    engine = Engine(prog)
+    engine_setup_s = time.perf_counter() - t0
+    evaluation.levels["engine"] = ev.run_integer(lambda x: engine.run(x, batch_size=a.batch_size), imgs, scale,
+                                                 a.batch_size, "engine", progress)
+    if n_golden > 0:
+        evaluation.levels["golden"] = ev.run_integer(lambda x: golden_run(prog, x), imgs[:n_golden], scale,
+                                                     a.batch_size, "golden", progress)
+    report = ev.compare(evaluation, labels if len(data.classes) == prog.model.get("num_classes") else None)
+    s = prog.settings
+    report["config"] = {
+        "model": spec.name, "timm_name": spec.timm_name, "weights": info.get("weights"),
+        "random_weights": info.get("weights") == "random",
+        "wbits": s["wbits"], "abits": s["abits"],
+        "softmax_quant": prog.header.get("calibration", {}).get("softmax_quant"),
+        "ln_rule": prog.header.get("calibration", {}).get("ln_rule"),
+        "settings": s, "program": a.program, "seed": a.seed,
+        "eval_source": data.source, "eval_images": len(imgs), "golden_images": n_golden,
+        "labels": report["levels"]["float"].get("top1") is not None,
+    }
+    report["timing"] = {"calibration_s": calib_s, "engine_setup_s": engine_setup_s}
+
+    print(f"model {spec.name} ({spec.timm_name}), weights: {info.get('weights')}"
+          + ("  [RANDOM WEIGHTS: structural study, accuracy is meaningless]" if info.get("weights") == "random"
+             else ""))
+    print(f"W{s['wbits']}A{s['abits']}, post-softmax {report['config']['softmax_quant']}, post-LN rule "
+          f"{report['config']['ln_rule']}; {len(imgs)} images from {data.source}"
+          + (f"; calibration {calib_s:.1f} s" if calib_s is not None else f"; program {a.program}"))
+    if report["config"]["labels"] is False:
+        print("(the data's classes do not match the model's classifier: top-1 is not reported)")
+    print()
+    print(ev.format_table(report))
+    if a.json:
+        write_json_atomic(a.json, report)
+        print(f"\nwrote {a.json}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    import numpy as np
+
+    from program.format import load
+    prog = load(a.file)
+    h = prog.header
+    m, s = h["model"], h["settings"]
+    print(f"{a.file}: intsim program v{h['version']}, model {m.get('name')} ({m.get('arch')}), "
+          f"{m.get('depth')} blocks, dim {m.get('embed_dim')}, {m.get('num_heads')} heads, "
+          f"{m.get('num_tokens')} tokens, {m.get('num_classes')} classes")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in s.items()))
+    cal = h.get("calibration", {})
+    if cal:
+        print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items() if not isinstance(v, (list, dict))))
+    prov = h["provenance"]
+    print("provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items()
+                                     if k not in ("calib_images", "versions")))
+    if "versions" in prov:
+        print("versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()))
+    rows = []
+    for op in prog.ops:
+        out = prog.values[op["output"]]
+        ints = sum(int(np.prod(v.shape)) for k, v in prog.tensors.items()
+                   if k.startswith(op["name"] + ".") and v.dtype.kind in "iu")
+        rows.append((op["name"], op["type"], ",".join(op["inputs"]), f"{out['kind']}{out['bits']}",
+                     "x".join(map(str, out["shape"])), str(ints)))
+    cols = ("op", "type", "inputs", "out", "shape", "int params")
+    w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print()
+    print("  ".join(c.ljust(x) for c, x in zip(cols, w)))
+    for r in rows:
+        print("  ".join(v.ljust(x) for v, x in zip(r, w)))
+    if a.json:
+        check_writable(a.json, "JSON summary")
+        write_json_atomic(a.json, {"header": {k: v for k, v in h.items() if k != "ops"}, "ops": h["ops"]})
+    return 0
+
+
+def cmd_bundle(a) -> int:
+    from .data import BUNDLE, make_bundle
+    m = make_bundle(a.cifar_zip, BUNDLE, a.calib, a.eval)
+    print(f"wrote {BUNDLE}: {len(m['calib'])} calibration and {len(m['eval'])} evaluation images")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if not a.cmd:
+        ap.print_help()
+        return 2
+    from program.format import ProgramError
+    try:
+        return COMMANDS[a.cmd](a)
+    except (UserError, ProgramError) as e:
+        print(f"intsim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("intsim: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

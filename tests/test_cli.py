@@ -1,0 +1,143 @@
+"""The command line: every bad input gives one clear message and exit code 2, before long work."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from intsim.cli import main
+from program.format import load, save
+
+
+def run_cli(capsys, *args):
+    try:
+        rc = main(list(args))
+    except SystemExit as e:       # argparse errors
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_help_lists_commands(capsys):
+    rc, out, _ = run_cli(capsys, "--help")
+    assert rc == 0
+    for cmd in ("run", "calibrate", "inspect"):
+        assert cmd in out
+
+
+def test_unknown_model(capsys):
+    rc, _, err = run_cli(capsys, "run", "--model", "resnet50", "--weights", "random")
+    assert rc == 2
+    assert "unknown model 'resnet50'" in err and "deit_t" in err and "cifar10_vit_d6" in err
+
+
+@pytest.mark.parametrize("bits", ["1", "9", "x"])
+def test_bits_out_of_range(capsys, bits):
+    rc, _, err = run_cli(capsys, "run", "--bits", bits)
+    assert rc == 2 and "bits" in err
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "run", "--checkpoint", str(tmp_path / "none.pth"))
+    assert rc == 2 and "checkpoint not found" in err
+
+
+def test_unreadable_checkpoint(capsys, tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(b"garbage" * 10)
+    rc, _, err = run_cli(capsys, "calibrate", "--checkpoint", str(p), "-o", str(tmp_path / "x.prog"))
+    assert rc == 2 and "could not be read" in err
+    assert not (tmp_path / "x.prog").exists()
+
+
+def test_mismatched_checkpoint(capsys, tmp_path):
+    import timm
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    p = tmp_path / "deit.pth"
+    torch.save(m.state_dict(), p)
+    rc, _, err = run_cli(capsys, "run", "--checkpoint", str(p))      # default model is the CIFAR ViT
+    assert rc == 2 and "does not match model" in err
+
+
+def test_unwritable_output_checked_first(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "run", "--json", str(tmp_path / "no" / "such" / "dir" / "out.json"))
+    assert rc == 2 and "does not exist" in err
+    rc, _, err = run_cli(capsys, "calibrate", "-o", str(tmp_path))
+    assert rc == 2 and "is a folder" in err
+
+
+def test_unknown_setting(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "calibrate", "--set", "warp_bits=3", "-o", str(tmp_path / "p"))
+    assert rc == 2 and "unknown setting 'warp_bits'" in err
+
+
+def test_bad_data_folder_fails_before_calibration(capsys, tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "readme.md").write_text("x")
+    rc, _, err = run_cli(capsys, "run", "--weights", "random", "--data", str(tmp_path))
+    assert rc == 2 and "readme.md" in err and "not an image" in err
+
+
+def _network() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_network(), reason="the hub is reachable, so weights could be downloaded")
+def test_no_weights_explains(capsys):
+    rc, _, err = run_cli(capsys, "run", "--model", "deit_t", "--bits", "4")
+    assert rc == 2
+    assert "--checkpoint" in err and "--weights random" in err and "cache" in err
+
+
+@pytest.fixture
+def program_file(tmp_path):
+    from random_program import make_program
+    p = tmp_path / "p.intprog"
+    save(make_program(np.random.default_rng(0)), p)
+    return p
+
+
+def test_inspect_ok(capsys, program_file):
+    rc, out, _ = run_cli(capsys, "inspect", str(program_file))
+    assert rc == 0 and "attention" in out and "layernorm" in out
+
+
+def test_truncated_program(capsys, program_file):
+    data = program_file.read_bytes()
+    program_file.write_bytes(data[: len(data) // 2])
+    rc, _, err = run_cli(capsys, "inspect", str(program_file))
+    assert rc == 2 and "truncated or damaged" in err
+
+
+def test_program_of_other_version(capsys, program_file):
+    prog = load(program_file)
+    prog.header["version"] = 99
+    from safetensors.numpy import save_file
+    from program.format import META_KEY, header_json
+    save_file(prog.tensors, str(program_file), metadata={META_KEY: header_json(prog.header)})
+    rc, _, err = run_cli(capsys, "inspect", str(program_file))
+    assert rc == 2 and "version 99" in err
+
+
+def test_program_missing_tensor(capsys, program_file):
+    prog = load(program_file)
+    name = next(k for k in prog.tensors if k.endswith(".thresholds"))
+    del prog.tensors[name]
+    from safetensors.numpy import save_file
+    from program.format import META_KEY, header_json
+    save_file(prog.tensors, str(program_file), metadata={META_KEY: header_json(prog.header)})
+    rc, _, err = run_cli(capsys, "inspect", str(program_file))
+    assert rc == 2 and name in err and "missing" in err
+
+
+def test_not_a_program(capsys, tmp_path):
+    p = tmp_path / "x.prog"
+    p.write_text("hello")
+    rc, _, err = run_cli(capsys, "run", "--program", str(p))
+    assert rc == 2 and "not a readable program" in err
