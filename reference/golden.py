@@ -172,7 +172,7 @@ def layernorm(program: Any, op: dict, x: np.ndarray) -> tuple[np.ndarray, dict[s
     D = x.shape[-1]
     # S1, S2, c, V below stay within D^2 * max|x|^2 in magnitude
     assert D * D * _absmax(x) ** 2 <= I64_MAX, "layernorm: row sums may overflow int64"
-    assert 0 <= K - F <= 62 and K <= 61
+    assert 0 <= K - F <= 62                               # (rdiv asserts 2^K < 2^61)
     S1 = x.sum(axis=-1, keepdims=True)
     S2 = (x * x).sum(axis=-1, keepdims=True)
     c = D * x - S1
