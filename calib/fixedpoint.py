@@ -51,8 +51,16 @@ def requant(M: float, mult_bits: int) -> tuple[int, int]:
 
 
 def requant_array(M: np.ndarray, mult_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`requant` of every element: multipliers and shifts as int64 arrays."""
-    pairs = [requant(float(x), mult_bits) for x in np.asarray(M, dtype=np.float64).ravel()]
-    shape = np.shape(M)
-    return (np.array([p[0] for p in pairs], dtype=np.int64).reshape(shape),
-            np.array([p[1] for p in pairs], dtype=np.int64).reshape(shape))
+    """:func:`requant` of every element: multipliers and shifts as int64 arrays (vectorized; the
+    rare elements needing the n > 62 reduction or failing go through :func:`requant`)."""
+    M = np.asarray(M, dtype=np.float64)
+    B = int(mult_bits)
+    f, e = np.frexp(M)
+    m = rnd(np.ldexp(f, B - 1)).astype(np.int64)
+    top = m == (1 << (B - 1))
+    m = np.where(top, 1 << (B - 2), m)
+    n = (B - 1) - (e.astype(np.int64) + top)
+    slow = ~(np.isfinite(M) & (M > 0) & (n >= 0) & (n <= 62))
+    for i in zip(*np.nonzero(slow)):
+        m[i], n[i] = requant(float(M[i]), B)
+    return m, n

@@ -34,10 +34,10 @@ def point_rng(seed: int, name: str) -> np.random.Generator:
 class Budget:
     """Sample sizes over all calibration images."""
 
-    rows: int = 8192            # post-LN token rows kept per point
+    rows: int = 4096            # post-LN token rows kept per point
     elements: int = 1 << 18     # elements kept per point for percentile searches
     softmax_images: int = 8     # images whose attention is kept for the post-softmax search
-    softmax_rows: int = 64      # query rows kept per image and head
+    softmax_rows: int = 32      # query rows kept per image and head
 
 
 class BlockObserver:
@@ -101,7 +101,8 @@ class BlockObserver:
         return x
 
     def tap(self, name: str, x: torch.Tensor) -> None:
-        self.absmax[name] = max(self.absmax.get(name, 0.0), float(x.abs().max()))
+        lo, hi = torch.aminmax(x)
+        self.absmax[name] = max(self.absmax.get(name, 0.0), -float(lo), float(hi))
 
     # ---- results ----------------------------------------------------------------------
     def rows_of(self, name: str) -> np.ndarray:

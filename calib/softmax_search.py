@@ -17,6 +17,7 @@ The first of equal errors wins, so the result is deterministic.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -24,8 +25,8 @@ from program.quantizers import SoftmaxQuantizer, make, rnd_torch, thresholds
 
 _HALF_PI = math.pi / 2
 _T_LIMIT = 1.5685  # largest |angle| tried (tan ~ 450)
-TANQ_T0 = (-1.565, -1.54, -1.5, -1.43, -1.3, -1.0, -0.5, 0.0)
-TANQ_T1 = (0.0, 0.5, 1.0, 1.3, 1.43, 1.5, 1.54, 1.565)
+TANQ_T0 = (-1.565, -1.53, -1.47, -1.3, -0.9, 0.0)
+TANQ_T1 = (0.0, 0.9, 1.3, 1.47, 1.53, 1.565)
 
 
 class _Sample:
@@ -65,16 +66,32 @@ def _tanq(bits: int, t0: float, t1: float) -> SoftmaxQuantizer | None:
     return make("tanq", bits, t0=round(t0, 6), t1=round(t1, 6))
 
 
+@contextmanager
+def _single_thread():
+    """Small tensor ops run faster on one thread (no spin-wait), and the result cannot depend on
+    the machine's thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def search(kind: str, bits: int, probs: torch.Tensor, v: torch.Tensor, prob_bits: int = 16) -> SoftmaxQuantizer:
     """Best quantizer of family ``kind`` at ``bits`` for this layer's probs (n, H, r, T) and v (n, H, T, d).
 
     The probabilities are judged as the integer datapath sees them, in fixed point with
     ``min(prob_bits, 16)`` fractional bits.
     """
-    data = _Sample(probs, v, min(int(prob_bits), 16))
+    with _single_thread():
+        return _search(kind, bits, _Sample(probs, v, min(int(prob_bits), 16)))
+
+
+def _search(kind: str, bits: int, data: _Sample) -> SoftmaxQuantizer:
     n = (1 << bits) - 1
     if kind == "uniform":
-        top = max(float(probs.max()), 2.0 ** -data.bits)
+        top = max(float(data.p.max()), 1.0) / float(1 << data.bits)
         cands = [make("uniform", bits, scale=top * 2.0 ** (-i / 4) / n) for i in range(13)]
         return _best(cands, data)[0]
     if kind in ("log2", "log2sqrt"):

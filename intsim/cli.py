@@ -140,6 +140,11 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-images", type=_positive, default=32, help="number of calibration images (32)")
 
 
+def _sweep_doc() -> str:
+    from . import sweep
+    return sweep.__doc__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="intsim",
@@ -181,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a program's model, settings, provenance and op list.")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+
+    sw = sub.add_parser("sweep", help="grid of calibrate-and-evaluate points -> CSV and JSON (resumable)",
+                        description=_sweep_doc(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .sweep import add_arguments as _sweep_args
+    _sweep_args(sw)
 
     b = sub.add_parser("bundle", help="(maintainers) rebuild the bundled CIFAR-10 image set",
                        description="Draw the bundled calibration and evaluation images from the CIFAR-10 zip.")
@@ -379,9 +390,14 @@ def cmd_inspect(a) -> int:
     print("  ".join(c.ljust(x) for c, x in zip(cols, w)))
     for r in rows:
         print("  ".join(v.ljust(x) for v, x in zip(r, w)))
+    from .cost import format_cost, program_cost
+    cost = program_cost(prog)
+    print()
+    print(format_cost(cost))
     if a.json:
         check_writable(a.json, "JSON summary")
-        write_json_atomic(a.json, {"header": {k: v for k, v in h.items() if k != "ops"}, "ops": h["ops"]})
+        write_json_atomic(a.json, {"header": {k: v for k, v in h.items() if k != "ops"}, "ops": h["ops"],
+                                   "cost": cost})
     return 0
 
 
@@ -392,7 +408,12 @@ def cmd_bundle(a) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle}
+def cmd_sweep(a) -> int:
+    from . import sweep
+    return sweep.run(a)
+
+
+COMMANDS = {"sweep": cmd_sweep, "run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 | short name | timm architecture | weights |
 |---|---|---|
 | ``cifar10_vit_d6`` | the bundled CIFAR-10 ViT (32 px, patch 4, dim 192, depth 6) | bundled with intsim |
+| ``cifar10_vit_d6_stress`` | its stress variant with outlier channels (``reference/stress.py``) | derived on the fly |
 | ``deit_t`` / ``deit_s`` / ``deit_b`` | ``deit_{tiny,small,base}_patch16_224`` | ImageNet, from timm |
 | ``vit_s`` / ``vit_b`` | ``vit_{small,base}_patch16_224`` | ImageNet, from timm |
 
@@ -32,6 +33,7 @@ class ModelSpec:
     name: str            # short name used on the command line
     timm_name: str       # timm architecture (or the bundled model's name)
     bundled: str | None = None   # file in intsim/assets holding the weights, for bundled models
+    stress: bool = False         # derived on the fly by reference.stress.apply_stress (synthetic outliers)
 
     @property
     def is_bundled(self) -> bool:
@@ -40,6 +42,8 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     cifar_model.NAME: ModelSpec(cifar_model.NAME, cifar_model.NAME, bundled=f"{cifar_model.NAME}.safetensors"),
+    f"{cifar_model.NAME}_stress": ModelSpec(f"{cifar_model.NAME}_stress", cifar_model.NAME,
+                                            bundled=f"{cifar_model.NAME}.safetensors", stress=True),
     "deit_t": ModelSpec("deit_t", "deit_tiny_patch16_224"),
     "deit_s": ModelSpec("deit_s", "deit_small_patch16_224"),
     "deit_b": ModelSpec("deit_b", "deit_base_patch16_224"),
@@ -54,7 +58,7 @@ def resolve(name: str) -> ModelSpec:
     if name in MODELS:
         return MODELS[name]
     for spec in MODELS.values():
-        if spec.timm_name == name:
+        if spec.timm_name == name and not spec.stress:
             return spec
     raise UserError(f"unknown model '{name}'. Known models: {', '.join(MODELS)}")
 
@@ -163,6 +167,12 @@ def load_model(name: str, *, weights: str = "pretrained", checkpoint: str | None
         model = _timm_pretrained(spec)
         info.update(weights="timm-pretrained", tag=model.pretrained_cfg.get("tag"),
                     hf_hub_id=model.pretrained_cfg.get("hf_hub_id"))
+    if spec.stress:
+        from .stress import StressProfile, apply_stress
+        profile = StressProfile()
+        apply_stress(model, profile)
+        info.update(stress_profile=profile.as_dict(),
+                    note="synthetic stress variant: function-preserving per-channel rescale after LayerNorm")
     model.eval()
     return model, spec, info
 

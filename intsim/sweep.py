@@ -1,0 +1,269 @@
+"""``intsim sweep``: a grid of calibrate-and-evaluate points, written as CSV and JSON.
+
+Each point is one full calibration of the model with one configuration, followed by the
+fake-quant and engine levels on the same evaluation images (the float level runs once per sweep,
+the golden model on the first ``--golden-images``). Results are appended to ``OUT/results.jsonl``
+as each point finishes, so an interrupted sweep resumes where it stopped: points whose key is
+already there are skipped. ``OUT/results.csv`` and ``OUT/results.json`` are rewritten from it at
+the end. ``--jobs N`` runs points in N worker processes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+GRID_AXES = ("wbits", "abits", "softmax_quant", "ln_rule")
+
+
+def _csv_list(kind):
+    def parse(v: str):
+        items = [x.strip() for x in v.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return [kind(x) for x in items]
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model short name (default: the bundled CIFAR-10 ViT)")
+    p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
+    p.add_argument("--checkpoint", metavar="PATH")
+    p.add_argument("--bits", type=_csv_list(int), default=[8, 6, 4, 3],
+                   help="comma-separated W=A bit widths (default 8,6,4,3)")
+    p.add_argument("--wbits", type=_csv_list(int), help="weight bits grid (with --abits, instead of --bits)")
+    p.add_argument("--abits", type=_csv_list(int), help="activation bits grid")
+    p.add_argument("--softmax-quant", type=_csv_list(str), default=["tanq", "log2sqrt"],
+                   help="post-softmax quantizers (default tanq,log2sqrt)")
+    p.add_argument("--ln-rule", type=_csv_list(str), default=["mosf", "mean"], help="post-LN rules (default mosf,mean)")
+    p.add_argument("--pair", action="store_true",
+                   help="pair softmax quantizers with LN rules (tanq+mosf, log2sqrt+mean: DopQ-ViT vs the "
+                        "RepQ-ViT-style baseline) instead of taking their product")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep a precision setting too, e.g. --set acc_bits=32,20")
+    p.add_argument("--data", metavar="PATH", help="evaluation images (default: the bundled test images)")
+    p.add_argument("--images", default=None, help="evaluation images, or 'all' (default: all of --data / bundle)")
+    p.add_argument("--calib-data", metavar="PATH")
+    p.add_argument("--calib-images", type=int, default=32)
+    p.add_argument("--golden-images", type=int, default=0, help="golden model on the first N images per point (0)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (created; reused to resume)")
+
+
+def grid(a) -> list[dict]:
+    from program.format import DEFAULT_SETTINGS
+    for b in (a.bits or []) + (a.wbits or []) + (a.abits or []):
+        if not 2 <= b <= 8:
+            raise UserError(f"bits must be from 2 to 8, not {b}")
+    for q in a.softmax_quant:
+        if q not in ("tanq", "uniform", "log2", "log2sqrt"):
+            raise UserError(f"unknown post-softmax quantizer '{q}'")
+    for r in a.ln_rule:
+        if r not in ("mosf", "mean"):
+            raise UserError(f"unknown LN rule '{r}'")
+    if a.wbits or a.abits:
+        wa = list(itertools.product(a.wbits or a.bits, a.abits or a.bits))
+    else:
+        wa = [(b, b) for b in a.bits]
+    if a.pair:
+        if len(a.softmax_quant) != len(a.ln_rule):
+            raise UserError("--pair needs as many --softmax-quant as --ln-rule entries")
+        methods = list(zip(a.softmax_quant, a.ln_rule))
+    else:
+        methods = list(itertools.product(a.softmax_quant, a.ln_rule))
+    extra_axes: list[tuple[str, list[int]]] = []
+    for item in a.set:
+        if "=" not in item:
+            raise UserError(f"--set expects KEY=V1,V2, got '{item}'")
+        k, v = item.split("=", 1)
+        if k not in DEFAULT_SETTINGS or k in ("wbits", "abits"):
+            raise UserError(f"unknown setting '{k}'")
+        try:
+            extra_axes.append((k, [int(x) for x in v.split(",")]))
+        except ValueError:
+            raise UserError(f"--set {k}: values must be integers") from None
+    points = []
+    for (w, ab), (sq, ln) in itertools.product(wa, methods):
+        for combo in itertools.product(*[vals for _, vals in extra_axes]):
+            settings = {k: v for (k, _), v in zip(extra_axes, combo)}
+            points.append({"wbits": w, "abits": ab, "softmax_quant": sq, "ln_rule": ln, "settings": settings})
+    return points
+
+
+def point_key(p: dict) -> str:
+    s = ",".join(f"{k}={v}" for k, v in sorted(p["settings"].items()))
+    return f"W{p['wbits']}A{p['abits']}|{p['softmax_quant']}|{p['ln_rule']}|{s}"
+
+
+# ---- worker -------------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def _init_worker(a_dict: dict) -> None:
+    """Load the model and images once per process."""
+    import torch
+    from reference.zoo import DEFAULT_MODEL, data_config, load_model
+
+    from .data import Transform, load_images
+    a = argparse.Namespace(**a_dict)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, a.jobs)))
+    model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights, checkpoint=a.checkpoint, seed=a.seed)
+    dc = data_config(spec)
+    tf = Transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"])
+    n = None if a.images in (None, "all") else int(a.images)
+    data = load_images(a.data, tf, n, split="eval", seed=a.seed)
+    cal = load_images(a.calib_data, tf, a.calib_images, split="calib", seed=a.seed)
+    _STATE.update(a=a, model=model, spec=spec, info=info, dc=dc, data=data, cal=cal)
+
+
+def _float_level():
+    from . import evaluate as ev
+    s = _STATE
+    return ev.run_float(s["model"], s["data"].images, s["dc"]["mean"], s["dc"]["std"], s["a"].batch_size, False)
+
+
+def _run_point(p: dict) -> dict:
+    import numpy as np
+    from calib import CalibConfig, calibrate
+    from reference.golden import run as golden_run
+    from reference.vit import FakeQuantViT
+
+    from . import evaluate as ev
+    from .engine import Engine
+    s = _STATE
+    a, data = s["a"], s["data"]
+    cfg = CalibConfig(wbits=p["wbits"], abits=p["abits"], softmax_quant=p["softmax_quant"], ln_rule=p["ln_rule"],
+                      seed=a.seed, settings=p["settings"])
+    t0 = time.perf_counter()
+    prog = calibrate(s["model"], s["cal"].images, s["dc"]["mean"], s["dc"]["std"], cfg,
+                     provenance=dict(s["info"], calib_images=s["cal"].ids), progress=False)
+    calib_s = time.perf_counter() - t0
+    if "float" not in s:
+        s["float"] = _float_level()
+    evaluation = ev.Evaluation()
+    evaluation.levels["float"] = s["float"]
+    evaluation.levels["fakequant"] = ev.run_fakequant(FakeQuantViT(prog), data.images, a.batch_size, False)
+    scale = float(prog.values[prog.output]["scale"])
+    eng = Engine(prog)
+    evaluation.levels["engine"] = ev.run_integer(lambda x: eng.run(x, batch_size=a.batch_size), data.images, scale,
+                                                 a.batch_size, "engine", False)
+    if a.golden_images > 0:
+        n = min(a.golden_images, len(data.images))
+        evaluation.levels["golden"] = ev.run_integer(lambda x: golden_run(prog, x), data.images[:n], scale,
+                                                     a.batch_size, "golden", False)
+    labels = data.labels if len(data.classes) == prog.model.get("num_classes") else None
+    rep = ev.compare(evaluation, labels)
+    row = {"key": point_key(p), **{k: p[k] for k in GRID_AXES}, "settings": p["settings"],
+           "calibration_s": round(calib_s, 2), "images": len(data.images)}
+    for lvl, r in rep["levels"].items():
+        for k, v in r.items():
+            if k not in ("images",):
+                row[f"{lvl}.{k}"] = v
+    if "engine_vs_golden" in rep:
+        row["engine_vs_golden.logits_differing"] = rep["engine_vs_golden"]["logits_differing"]
+        row["engine_vs_golden.images"] = rep["engine_vs_golden"]["images"]
+    for k, v in rep["saturation"]["total"].items():
+        row[f"saturation.{k}"] = v
+    try:
+        from .cost import program_cost
+        c = program_cost(prog)["total"]
+        row.update({f"cost.{k}": v for k, v in c.items() if not isinstance(v, dict)})
+    except ImportError:
+        pass
+    return row
+
+
+def _flatten_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    flat = []
+    for r in rows:
+        f = {k: v for k, v in r.items() if k != "settings"}
+        for k, v in r.get("settings", {}).items():
+            f[f"setting.{k}"] = v
+        flat.append(f)
+    cols: list[str] = []
+    for f in flat:
+        for k in f:
+            if k not in cols:
+                cols.append(k)
+    return cols, flat
+
+
+def run(a) -> int:
+    from tqdm import tqdm
+    out = Path(a.out)
+    points = grid(a)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "results.jsonl"
+    done: dict[str, dict] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue          # a line cut by an interruption: that point runs again
+                done[r["key"]] = r
+    todo = [p for p in points if point_key(p) not in done]
+    print(f"sweep: {len(points)} points, {len(points) - len(todo)} already done in {log}, {len(todo)} to run")
+    a_dict = {k: v for k, v in vars(a).items() if k != "func"}
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=getattr(a, "no_progress", False))
+    with open(log, "a") as f:
+        def record(row):
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            done[row["key"]] = row
+            bar.update(1)
+            bar.set_postfix_str(f"{row['key']} engine top-1 {row.get('engine.top1', float('nan')):.4f}")
+        if a.jobs <= 1 or len(todo) <= 1:
+            if todo:
+                _init_worker(a_dict)
+            for p in todo:
+                record(_run_point(p))
+        else:
+            import multiprocessing as mp
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(a.jobs, initializer=_init_worker, initargs=(a_dict,)) as pool:
+                for row in pool.imap_unordered(_run_point, todo):
+                    record(row)
+    bar.close()
+    rows = [done[point_key(p)] for p in points if point_key(p) in done]
+    cols, flat = _flatten_rows(rows)
+    tmp = out / ".results.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(flat)
+    os.replace(tmp, out / "results.csv")
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps({"points": rows}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out / "results.json")
+    print(format_rows(rows))
+    print(f"\nwrote {out / 'results.csv'} and {out / 'results.json'}")
+    return 0
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ("point", "float %", "fake-quant %", "engine %", "engine~fq %", "calib s")
+    lines = []
+    data = []
+    for r in rows:
+        def pct(k):
+            v = r.get(k)
+            return "" if v is None else f"{100 * v:.2f}"
+        data.append((r["key"], pct("float.top1"), pct("fakequant.top1"), pct("engine.top1"),
+                     pct("engine.agree_fakequant"), f"{r.get('calibration_s', 0):.1f}"))
+    w = [max(len(c), *(len(d[i]) for d in data)) if data else len(c) for i, c in enumerate(cols)]
+    lines.append("  ".join(c.ljust(x) for c, x in zip(cols, w)))
+    lines += ["  ".join(v.ljust(x) for v, x in zip(d, w)) for d in data]
+    return "\n".join(lines)
