@@ -22,6 +22,9 @@ class CalibConfig:
     * ``seed``: seeds every subsample (the result is a pure function of inputs and config).
     * ``settings``: overrides of ``program.format.DEFAULT_SETTINGS`` (integer datapath widths);
       ``wbits`` / ``abits`` there must agree with the fields above.
+    * ``sequential``: calibrate each block on the output of the already quantized blocks before
+      it (fake-quant path, as RepQ-ViT's one-pass initialization sees it); ``False`` calibrates
+      every block on the float model's activations.
     """
 
     wbits: int = 4
@@ -30,6 +33,7 @@ class CalibConfig:
     ln_rule: str = "mosf"
     seed: int = 0
     settings: dict[str, int] = field(default_factory=dict)
+    sequential: bool = True
 
     def validate(self) -> None:
         for name in ("wbits", "abits"):
@@ -40,6 +44,8 @@ class CalibConfig:
             raise ValueError(f"softmax_quant must be one of {', '.join(SOFTMAX_TYPES)}, got {self.softmax_quant!r}")
         if self.ln_rule not in LN_RULES:
             raise ValueError(f"ln_rule must be one of {', '.join(LN_RULES)}, got {self.ln_rule!r}")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         unknown = sorted(set(self.settings) - set(DEFAULT_SETTINGS))

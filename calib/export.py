@@ -132,7 +132,10 @@ class _Builder:
             raise ExportError(f"{name}: LayerNorm width {D} > 4096")
         s_y = self.sc(name)
         gm, ga = ln.gamma / s_y, ln.beta / s_y
-        for S in range(62, -1, -1):
+        # start just above the analytic bound and walk down to the first shift that fits
+        top = float(np.abs(gm).max())
+        start = 62 if top == 0 else min(62, F + int(math.floor(math.log2(((1 << (B - 1)) - 1) / top))) + 1)
+        for S in range(max(start, 0), -1, -1):
             gmul = Q.rnd(gm * 2.0 ** (S - F))
             gadd = Q.rnd(ga * 2.0 ** S)
             if np.abs(gmul).max() <= (1 << (B - 1)) - 1 and np.abs(gadd).max() < _LN_GADD_LIMIT:

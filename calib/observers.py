@@ -7,7 +7,8 @@ It never holds a whole activation; per point it keeps
 * post-LayerNorm points (``norm1``, ``norm2``): a random subset of token rows, at most
   ``rows`` rows (M, D) in all, for the per-channel calibration and the reparameterization;
 * other quantized points (``attn.q/k/v``, ``attn.core``, ``mlp.gelu``): a random sample of at
-  most ``elements`` elements (with replacement) for the percentile search;
+  most ``elements`` elements (with replacement; all of a chunk's elements when it has fewer)
+  for the percentile search;
 * post-softmax (``attn.probs``): the probabilities of ``softmax_images`` images at
   ``softmax_rows`` query rows (n, H, r, T) and the same images' v (n, H, T, d);
 * integer-valued points (``tap``): the running ``max |x|`` (residual, GELU input).
@@ -96,8 +97,11 @@ class BlockObserver:
                 self._v_chunk = x
             flat = x.reshape(-1)
             k = self._share(self.budget.elements)
-            idx = self._rng(name).integers(0, flat.shape[0], size=k)
-            self.samples.setdefault(name, []).append(flat[torch.from_numpy(idx)].numpy().copy())
+            if k >= flat.shape[0]:      # small tensor: keep it all
+                kept = flat.numpy().copy()
+            else:
+                kept = flat[torch.from_numpy(self._rng(name).integers(0, flat.shape[0], size=k))].numpy().copy()
+            self.samples.setdefault(name, []).append(kept)
         return x
 
     def tap(self, name: str, x: torch.Tensor) -> None:

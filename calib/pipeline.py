@@ -1,29 +1,33 @@
 """The calibration driver: a timm ViT and calibration images in, an integer program out.
 
-Order of work (float model throughout; no quantized activation feeds a later statistic):
+Order of work (only the residual entering the current block, (N, T, D) float32, is kept whole):
 
 1. fold the input normalization and the class token (``reference.vit.params_from_timm``);
-2. patch embedding on all images (kept: the residual entering block 0, (N, T, D) float32);
-3. per block, one float forward over the images in chunks with a
+2. patch embedding on all images (with ``config.sequential``, using the quantized patch weights);
+3. per block, one float forward from its input over the images in chunks with a
    :class:`calib.observers.BlockObserver` (memory-bounded samples), then:
    post-LN per-channel calibration + MOSF / mean reparameterization of norm1 -> q/k/v and
    norm2 -> fc1 (re-searching the shared per-tensor range afterwards), percentile searches of
    q, k, v, attention output and GELU output, the post-softmax quantizer search, weight
-   quantization of q, k, v, proj, fc1, fc2, and the residual / GELU-input scales; the block's
-   float output becomes the next block's input;
+   quantization of q, k, v, proj, fc1, fc2, and the residual / GELU-input scales. The next
+   block's input is this block's fake-quant output (``config.sequential``, the default: later
+   statistics see the quantization error of earlier blocks, as in RepQ-ViT's one-pass
+   initialization) or its float output;
 4. final LayerNorm (class token) reparameterized into the head; head weights; logit scale;
 5. export (``calib.export.build_program``).
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from program.format import Program
-from reference.vit import ViTParams, block_forward, embed, layer_norm, params_from_timm
+from reference.vit import (BlockParams, ViTParams, block_forward, embed, fake_quant_uniform, layer_norm,
+                           params_from_timm)
 
 from . import reparam as rp
 from . import softmax_search
@@ -103,19 +107,53 @@ def calibrate_block(bp, r: torch.Tensor, index: int, params: ViTParams, config: 
     return bc, out
 
 
+def _t32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def quantized_block_forward(bc: BlockCalib, r: torch.Tensor, index: int, heads: int, eps: float) -> torch.Tensor:
+    """Fake-quant forward of a calibrated block (the semantics of ``reference.vit.FakeQuantViT``):
+    dequantized weights, reparameterized LN affines, quantize-dequantize at every quantized point."""
+    bp = BlockParams(
+        norm1_w=_t32(bc.norm1.gamma), norm1_b=_t32(bc.norm1.beta),
+        q_w=_t32(bc.q.weight.dequant()), q_b=_t32(bc.q.bias), k_w=_t32(bc.k.weight.dequant()), k_b=_t32(bc.k.bias),
+        v_w=_t32(bc.v.weight.dequant()), v_b=_t32(bc.v.bias),
+        proj_w=_t32(bc.proj.weight.dequant()), proj_b=_t32(bc.proj.bias),
+        norm2_w=_t32(bc.norm2.gamma), norm2_b=_t32(bc.norm2.beta),
+        fc1_w=_t32(bc.fc1.weight.dequant()), fc1_b=_t32(bc.fc1.bias),
+        fc2_w=_t32(bc.fc2.weight.dequant()), fc2_b=_t32(bc.fc2.bias))
+    pre = f"blocks.{index}"
+    acts = {f"{pre}.norm1": bc.norm1.act, f"{pre}.attn.q": bc.q_act, f"{pre}.attn.k": bc.k_act,
+            f"{pre}.attn.v": bc.v_act, f"{pre}.attn.core": bc.core, f"{pre}.norm2": bc.norm2.act,
+            f"{pre}.mlp.gelu": bc.gelu}
+
+    def hook(name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == f"{pre}.attn.probs":
+            return bc.softmax.quantize_torch(x)
+        a = acts[name]
+        return fake_quant_uniform(x, a.scale, a.zero_point, a.bits)
+
+    return torch.cat([block_forward(bp, r[s:s + CHUNK], index, heads, eps, hook)
+                      for s in range(0, r.shape[0], CHUNK)])
+
+
 def calibrate_params(params: ViTParams, images: np.ndarray, config: CalibConfig, settings: dict[str, int],
                      progress: bool = True, budget: Budget | None = None) -> ModelCalib:
     """Calibrate folded float parameters on uint8 images (N, 3, H, W); see the module docstring."""
     budget = budget or Budget()
     N = images.shape[0]
     wb, ab = settings["wbits"], settings["abits"]
-    r = torch.cat([embed(params, images[s:s + CHUNK]) for s in range(0, N, CHUNK)])
     D = params.embed_dim
-    res0 = absmax_scale(float(r.abs().max()), settings["residual_bits"])
     patch = _linear(params.patch_w.reshape(D, -1), params.patch_b, wb)
+    ep = params
+    if config.sequential:   # the quantized path starts with the quantized patch embedding
+        ep = replace(params, patch_w=_t32(patch.weight.dequant()).reshape(params.patch_w.shape))
+    r = torch.cat([embed(ep, images[s:s + CHUNK]) for s in range(0, N, CHUNK)])
+    res0 = absmax_scale(float(r.abs().max()), settings["residual_bits"])
     blocks = []
     for i in tqdm(range(params.depth), desc="calibrating", unit="block", disable=not progress, leave=False):
-        bc, r = calibrate_block(params.blocks[i], r, i, params, config, settings, budget)
+        bc, out = calibrate_block(params.blocks[i], r, i, params, config, settings, budget)
+        r = quantized_block_forward(bc, r, i, params.num_heads, params.eps) if config.sequential else out
         blocks.append(bc)
     y = layer_norm(r[:, :1], params.norm_w, params.norm_b, params.eps)[:, 0]      # (N, D) class tokens
     logits = torch.nn.functional.linear(y, params.head_w, params.head_b)

@@ -74,3 +74,46 @@ def apply_linear(W: np.ndarray, b: np.ndarray, rp: Reparam) -> tuple[np.ndarray,
 def transform(y: np.ndarray, rp: Reparam) -> np.ndarray:
     """The activation after reparameterization, ``(y + s_c r2) / r1`` (rows of ``y`` are tokens)."""
     return (np.asarray(y, np.float64) + rp.s_c * rp.r2) / rp.r1
+
+
+def reparameterize(params, images, bits: int, rule: str) -> tuple[object, dict[str, Reparam]]:
+    """Reparameterize every LayerNorm -> linear pair of a float model (``reference.vit.ViTParams``).
+
+    Runs the float forward on ``images`` (uint8 (N, 3, H, W)), calibrates each post-LN point
+    (``blocks.i.norm1`` -> q/k/v, ``blocks.i.norm2`` -> fc1, ``norm`` -> head) per channel at
+    ``bits``, and returns a new ``ViTParams`` (float32) whose float output equals the original's,
+    with the per-point :class:`Reparam`. Calibration proper does the same block by block.
+    """
+    import torch
+
+    from reference.vit import forward
+
+    from .uniform import search_channels
+
+    rows: dict[str, np.ndarray] = {}
+
+    def record(name, x):
+        if name.endswith("norm1") or name.endswith("norm2") or name == "norm":
+            rows[name] = x.reshape(-1, x.shape[-1]).double().numpy()
+        return x
+
+    forward(params, images, hook=record)
+    out = params.clone()
+    f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    reps: dict[str, Reparam] = {}
+
+    def fold(name, ln_w, ln_b, consumers):
+        rp = shared(*search_channels(rows[name], bits), rule)
+        reps[name] = rp
+        g, b = apply_ln(ln_w.double().numpy(), ln_b.double().numpy(), rp)
+        lins = [apply_linear(W.double().numpy(), bb.double().numpy(), rp) for W, bb in consumers]
+        return (f32(g), f32(b)), [(f32(W), f32(bb)) for W, bb in lins]
+
+    for i, bp in enumerate(out.blocks):
+        (bp.norm1_w, bp.norm1_b), [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)] = fold(
+            f"blocks.{i}.norm1", bp.norm1_w, bp.norm1_b, [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)])
+        (bp.norm2_w, bp.norm2_b), [(bp.fc1_w, bp.fc1_b)] = fold(
+            f"blocks.{i}.norm2", bp.norm2_w, bp.norm2_b, [(bp.fc1_w, bp.fc1_b)])
+    (out.norm_w, out.norm_b), [(out.head_w, out.head_b)] = fold("norm", out.norm_w, out.norm_b,
+                                                                [(out.head_w, out.head_b)])
+    return out, reps

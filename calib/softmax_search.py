@@ -7,8 +7,9 @@ the product matters, not the probabilities). The probabilities are encoded as th
 datapath does it: fixed point with P fractional bits, compared with the quantizer's integer
 thresholds. Candidates per family:
 
-* ``tanq``: a coarse grid of angle pairs ``t0 < t1`` in (-pi/2, pi/2), then a local refinement
-  around the best pair (half the grid step, then a quarter);
+* ``tanq``: a 6 x 6 grid of angle pairs ``t0 < t1`` in (-pi/2, pi/2) (dense toward +-pi/2), then
+  two rounds of local refinement (the 8 neighbours of the best pair, at steps of 1/4 and then
+  1/8 of its distance to +-pi/2, at least 0.01 / 0.005);
 * ``log2`` / ``log2sqrt``: ``delta = 2^(-i/4)``, i = 0..8 (top level from 1 down to 1/4);
 * ``uniform``: ``scale = max(P) * 2^(-i/4) / N``, i = 0..12.
 

@@ -278,6 +278,11 @@ def _model_for_program(a, prog):
     return load_model(name, weights="pretrained")
 
 
+def _calibration_info(prog) -> dict:
+    """The calibration record of a program (method, quantizer, rule, image count...)."""
+    return prog.header.get("provenance", {}).get("calibration", {})
+
+
 def cmd_run(a) -> int:
     import numpy as np
 
@@ -334,8 +339,8 @@ def cmd_run(a) -> int:
         "model": spec.name, "timm_name": spec.timm_name, "weights": info.get("weights"),
         "random_weights": info.get("weights") == "random",
         "wbits": s["wbits"], "abits": s["abits"],
-        "softmax_quant": prog.header.get("calibration", {}).get("softmax_quant"),
-        "ln_rule": prog.header.get("calibration", {}).get("ln_rule"),
+        "softmax_quant": _calibration_info(prog).get("softmax_quant"),
+        "ln_rule": _calibration_info(prog).get("ln_rule"),
         "settings": s, "program": a.program, "seed": a.seed,
         "eval_source": data.source, "eval_images": len(imgs), "golden_images": n_golden,
         "labels": report["levels"]["float"].get("top1") is not None,
@@ -369,12 +374,12 @@ def cmd_inspect(a) -> int:
           f"{m.get('depth')} blocks, dim {m.get('embed_dim')}, {m.get('num_heads')} heads, "
           f"{m.get('num_tokens')} tokens, {m.get('num_classes')} classes")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in s.items()))
-    cal = h.get("calibration", {})
+    cal = _calibration_info(prog)
     if cal:
         print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items() if not isinstance(v, (list, dict))))
     prov = h["provenance"]
     print("provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items()
-                                     if k not in ("calib_images", "versions")))
+                                     if k not in ("calib_images", "versions", "calibration")))
     if "versions" in prov:
         print("versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()))
     rows = []

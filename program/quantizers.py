@@ -56,9 +56,9 @@ def rnd(v: np.ndarray | float) -> np.ndarray:
 
 
 def rnd_torch(v: torch.Tensor) -> torch.Tensor:
-    """Torch twin of :func:`rnd` (same dtype in and out; exact in float64)."""
+    """Torch twin of :func:`rnd` (same dtype in and out; exact in float64). ``v`` is not modified."""
     f = torch.floor(v)
-    return f + ((v - f) >= 0.5).to(v.dtype)
+    return f.add_((v - f).ge_(0.5))
 
 
 # ---- the quantizers ---------------------------------------------------------------------
@@ -203,9 +203,10 @@ class TanQ(SoftmaxQuantizer):
         return np.clip(rnd(self.n * g), 0, self.n)
 
     def _encode_torch(self, x):
+        # the same float64 operations in the same order as _encode_np, done in place
         a, w = self._g_consts()
-        g = (torch.tan(self.t0 + x * (self.t1 - self.t0)) - a) / w
-        return torch.clamp(rnd_torch(self.n * g), 0, self.n)
+        g = (x * (self.t1 - self.t0)).add_(self.t0).tan_().sub_(a).div_(w).mul_(self.n)
+        return rnd_torch(g).clamp_(0, self.n)
 
     def levels(self):
         a, w = self._g_consts()
@@ -223,7 +224,12 @@ def make(type: str, bits: int, **params: float) -> SoftmaxQuantizer:
     """Build a quantizer by type name (``uniform``, ``log2``, ``log2sqrt``, ``tanq``)."""
     if type not in _CLASSES:
         raise ValueError(f"unknown post-softmax quantizer {type!r} (known: {', '.join(TYPES)})")
-    return _CLASSES[type](bits=int(bits), **{k: float(v) for k, v in params.items()})
+    cls = _CLASSES[type]
+    allowed = {f for f in cls.__dataclass_fields__ if f != "bits"}
+    extra = sorted(set(params) - allowed)
+    if extra:
+        raise ValueError(f"{type}: unknown parameters {', '.join(extra)} (expected {', '.join(sorted(allowed))})")
+    return cls(bits=int(bits), **{k: float(v) for k, v in params.items()})
 
 
 def from_dict(d: dict[str, Any]) -> SoftmaxQuantizer:

@@ -118,7 +118,11 @@ class ViTParams:
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32).clone()
+    return t.detach().cpu().to(torch.float32).clone()
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().to(torch.float64)
 
 
 def _check_supported(model) -> None:
@@ -164,13 +168,25 @@ def _check_supported(model) -> None:
         for n in ("norm1", "norm2"):
             if not isinstance(getattr(b, n), torch.nn.LayerNorm):
                 problems.append(f"blocks.{i}.{n} is not a LayerNorm")
+    if not isinstance(getattr(model, "norm", None), torch.nn.LayerNorm):
+        problems.append("final norm is not a LayerNorm")
     if problems:
         raise ValueError("unsupported VisionTransformer features: " + "; ".join(dict.fromkeys(problems)))
 
 
+def _w32(mod, n: int) -> torch.Tensor:
+    """Weight of a LayerNorm (ones when it has no affine)."""
+    return _f32(mod.weight) if getattr(mod, "weight", None) is not None else torch.ones(n)
+
+
+def _b32(mod, n: int) -> torch.Tensor:
+    """Bias of a Linear / LayerNorm (zeros when it has none)."""
+    return _f32(mod.bias) if getattr(mod, "bias", None) is not None else torch.zeros(n)
+
+
 def _layerscale(mod) -> torch.Tensor | None:
     g = getattr(mod, "gamma", None)
-    return None if g is None else g.detach().to(torch.float64)
+    return None if g is None else _f64(g)
 
 
 def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTParams:
@@ -184,15 +200,15 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTP
     mean64 = torch.tensor([float(m) for m in mean], dtype=torch.float64).view(1, 3, 1, 1)
     std64 = torch.tensor([float(s) for s in std], dtype=torch.float64).view(1, 3, 1, 1)
     conv = model.patch_embed.proj
-    W = conv.weight.detach().to(torch.float64)
-    b = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    W = _f64(conv.weight)
+    b = _f64(conv.bias) if conv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
     p = int(conv.kernel_size[0])
     if tuple(conv.kernel_size) != (p, p) or tuple(conv.stride) != (p, p) or W.shape[1] != 3:
         raise ValueError("patch embedding must be a square stride-p convolution over 3 channels")
     patch_w = W / (255.0 * std64)
     patch_b = b - (W * (mean64 / std64)).sum(dim=(1, 2, 3))
-    pos = model.pos_embed.detach().to(torch.float64)[0].clone()
-    pos[0] = pos[0] + model.cls_token.detach().to(torch.float64)[0, 0]
+    pos = _f64(model.pos_embed)[0].clone()
+    pos[0] = pos[0] + _f64(model.cls_token)[0, 0]
     img = model.patch_embed.img_size
     img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
     if img[0] != img[1]:
@@ -201,11 +217,13 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTP
     blocks = []
     eps = None
     for blk in model.blocks:
-        D = blk.norm1.weight.shape[0]
-        qkv_w = blk.attn.qkv.weight.detach()
-        qkv_b = blk.attn.qkv.bias.detach() if blk.attn.qkv.bias is not None else torch.zeros(3 * D)
-        pw, pb = blk.attn.proj.weight.detach().to(torch.float64), blk.attn.proj.bias.detach().to(torch.float64)
-        f2w, f2b = blk.mlp.fc2.weight.detach().to(torch.float64), blk.mlp.fc2.bias.detach().to(torch.float64)
+        D = W.shape[0]
+        qkv_w = _f64(blk.attn.qkv.weight)
+        qkv_b = _f64(blk.attn.qkv.bias) if blk.attn.qkv.bias is not None else torch.zeros(3 * D, dtype=torch.float64)
+        pw = _f64(blk.attn.proj.weight)
+        pb = _f64(blk.attn.proj.bias) if blk.attn.proj.bias is not None else torch.zeros(pw.shape[0], dtype=torch.float64)
+        f2w = _f64(blk.mlp.fc2.weight)
+        f2b = _f64(blk.mlp.fc2.bias) if blk.mlp.fc2.bias is not None else torch.zeros(f2w.shape[0], dtype=torch.float64)
         g1, g2 = _layerscale(blk.ls1), _layerscale(blk.ls2)
         if g1 is not None:
             pw, pb = pw * g1[:, None], pb * g1
@@ -216,21 +234,21 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTP
                 raise ValueError("all LayerNorms must share one epsilon")
             eps = ln.eps
         blocks.append(BlockParams(
-            norm1_w=_f32(blk.norm1.weight), norm1_b=_f32(blk.norm1.bias),
+            norm1_w=_w32(blk.norm1, D), norm1_b=_b32(blk.norm1, D),
             q_w=_f32(qkv_w[:D]), q_b=_f32(qkv_b[:D]),
             k_w=_f32(qkv_w[D:2 * D]), k_b=_f32(qkv_b[D:2 * D]),
             v_w=_f32(qkv_w[2 * D:]), v_b=_f32(qkv_b[2 * D:]),
             proj_w=_f32(pw), proj_b=_f32(pb),
-            norm2_w=_f32(blk.norm2.weight), norm2_b=_f32(blk.norm2.bias),
-            fc1_w=_f32(blk.mlp.fc1.weight), fc1_b=_f32(blk.mlp.fc1.bias),
+            norm2_w=_w32(blk.norm2, D), norm2_b=_b32(blk.norm2, D),
+            fc1_w=_f32(blk.mlp.fc1.weight), fc1_b=_b32(blk.mlp.fc1, blk.mlp.fc1.weight.shape[0]),
             fc2_w=_f32(f2w), fc2_b=_f32(f2b)))
     head = model.head
     if isinstance(head, torch.nn.Identity):
         raise ValueError("model has no classifier head (num_classes=0)")
     return ViTParams(
         patch_w=_f32(patch_w), patch_b=_f32(patch_b), pos=_f32(pos), blocks=blocks,
-        norm_w=_f32(model.norm.weight), norm_b=_f32(model.norm.bias),
-        head_w=_f32(head.weight), head_b=_f32(head.bias),
+        norm_w=_w32(model.norm, W.shape[0]), norm_b=_b32(model.norm, W.shape[0]),
+        head_w=_f32(head.weight), head_b=_b32(head, head.weight.shape[0]),
         num_heads=int(model.blocks[0].attn.num_heads), patch_size=p, img_size=int(img[0]),
         eps=float(model.norm.eps if eps is None else eps))
 
@@ -340,10 +358,8 @@ def point_names(depth: int) -> list[str]:
 
 def fake_quant_uniform(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
     """Quantize-dequantize: ``scale * (clamp(floor(x/scale + 1/2) + zp, 0, 2^b - 1) - zp)`` (x's dtype)."""
-    from program.quantizers import rnd_torch
-
-    q = torch.clamp(rnd_torch(x / scale) + zero_point, 0, (1 << int(bits)) - 1)
-    return (q - zero_point) * scale
+    q = x / scale
+    return q.add_(0.5).floor_().add_(zero_point).clamp_(0, (1 << int(bits)) - 1).sub_(zero_point).mul_(scale)
 
 
 class FakeQuantViT:

@@ -1,7 +1,8 @@
-"""Numba kernels of the integer engine: one kernel per op of ``docs/integer-spec.md``.
+"""Numba kernels of the integer engine (``docs/integer-spec.md``).
 
-Every kernel works on C-contiguous ``int64`` arrays and ``int64`` scalars only (one compiled
-specialization each), in exact two's-complement int64 arithmetic as the specification states:
+The matrix products themselves run in a BLAS (see ``runner.py``: float32/float64 products that are
+provably exact, fbgemm's int8 GEMM, or the int64 kernel ``gemm_i64`` here); these kernels do
+everything else, in exact two's-complement int64 arithmetic as the specification states:
 
 * ``rshift`` rounds half up (adds ``2^(n-1)`` then shifts arithmetically, i.e. floors negatives);
 * ``rq(a, m, n) = rshift(a * m, n)`` with a 64-bit product;
@@ -9,12 +10,24 @@ specialization each), in exact two's-complement int64 arithmetic as the specific
 * saturation events are counted per row into arrays that are summed after the parallel loop, so
   results and counts never depend on the number of threads.
 
-Kernels return ``(y, count_a, count_b, ...)`` with the counts already summed (int64 scalars).
+Conventions (they keep the number of compiled specializations small and fixed, so that a warm
+``cache=True`` cache serves every call and nothing compiles in a fresh process):
+
+* every parameter array is C-contiguous ``int64``; every scalar is a Python ``int`` (int64);
+* GEMM results arrive as a C-contiguous 3-D stack ``S[c, m, n]`` of ``float32``, ``float64`` or
+  ``int64`` partial sums over ``c`` (K-chunks or split-operand parts). Every element holds an
+  exact integer (that is what the runner proves before it picks a route), so ``np.int64(S[...])``
+  is exact and the chunks are added in int64;
+* activations written for the next GEMM are ``float32`` codes (exact: the runner only chooses
+  float32 storage for values whose proven range lies within +-2^24); everything else is ``int64``.
+
+Kernels return their saturation counts as int64 scalars (already summed).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 # ---- scalar helpers ---------------------------------------------------------------------
 
@@ -68,70 +81,257 @@ def isqrt(v):
         x = y
 
 
-# ---- linear / patch_embed ---------------------------------------------------------------
+# ---- typed helpers (inlined; they fix how values convert, without branching on dtypes) -------------
+
+
+def _to_i64(x):  # pragma: no cover - replaced by the overload below inside jitted code
+    return np.int64(x)
+
+
+@overload(_to_i64, inline="always")
+def _to_i64_impl(x):
+    """float32 -> int64 through int32 (a vectorizable conversion; float32 partial sums are exact
+    integers of magnitude <= 2^24); anything else converts directly."""
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: np.int64(np.int32(x))
+    return lambda x: np.int64(x)
+
+
+def _store_val(arr, v):  # pragma: no cover - replaced by the overload below inside jitted code
+    return v
+
+
+@overload(_store_val, inline="always")
+def _store_val_impl(arr, v):
+    """The int64 ``v`` as an element of ``arr``: float32 codes go through int32 (exact, the runner
+    stores float32 only for values within +-2^24), int64 stays as is."""
+    if isinstance(arr.dtype, types.Float) and arr.dtype.bitwidth == 32:
+        return lambda arr, v: np.float32(np.int32(v))
+    return lambda arr, v: v
+
+
+@njit(cache=True, inline="always")
+def rshift_bf(a, n):
+    """``rshift`` without branches (vectorizable): for n >= 1 ``(a >> n) + ((a >> (n-1)) & 1)``,
+    for n == 0 ``a``, for n < 0 ``a << -n``, selected arithmetically."""
+    nn = max(n, 0)
+    k = max(n - 1, 0)
+    bit = np.int64(n > 0)
+    ln = max(-n, 0)
+    return ((a >> nn) + ((a >> k) & bit)) << ln
+
+
+@njit(cache=True)
+def _acc_row(S, m, buf):
+    """``buf[n] = sum_c S[c, m, n]`` exactly in int64."""
+    N = S.shape[2]
+    for n in range(N):
+        buf[n] = _to_i64(S[0, m, n])
+    for c in range(1, S.shape[0]):
+        for n in range(N):
+            buf[n] += _to_i64(S[c, m, n])
+
+
+@njit(cache=True)
+def _requant_row(buf, n0, n1, bias, mult, shift, add, ar, lo, hi, acc_lo, acc_hi, narrow):
+    """In place for n0 <= n < n1:
+    ``buf[n] = sat(rq(accsat(bias[n] + buf[n]), mult[n], shift[n]) + add[ar, n], lo[n], hi[n])``.
+
+    ``narrow`` (0/1) says that the accumulator range and every multiplier fit in int32 (``acc_bits
+    <= 32``, ``|mult| < 2^31``): the 64-bit product is then formed from int32 operands (the same
+    value, a cheaper instruction). Returns ``(n_acc, n_out)``.
+    """
+    na = np.int64(0)
+    no = np.int64(0)
+    u0 = np.uint64(n0)
+    if narrow != 0:
+        for k in range(n1 - n0):
+            n = u0 + np.uint64(k)
+            a = buf[n] + bias[n]
+            na += np.int64(a < acc_lo) + np.int64(a > acc_hi)
+            a = min(max(a, acc_lo), acc_hi)
+            v = rshift_bf(np.int64(np.int32(a)) * np.int64(np.int32(mult[n])), shift[n]) + add[ar, n]
+            no += np.int64(v < lo[n]) + np.int64(v > hi[n])
+            buf[n] = min(max(v, lo[n]), hi[n])
+    else:
+        for k in range(n1 - n0):
+            n = u0 + np.uint64(k)
+            a = buf[n] + bias[n]
+            na += np.int64(a < acc_lo) + np.int64(a > acc_hi)
+            a = min(max(a, acc_lo), acc_hi)
+            v = rshift_bf(a * mult[n], shift[n]) + add[ar, n]
+            no += np.int64(v < lo[n]) + np.int64(v > hi[n])
+            buf[n] = min(max(v, lo[n]), hi[n])
+    return na, no
+
+
+# ---- linear / patch_embed: the int64 GEMM and the fused epilogues --------------------------------
 
 
 @njit(cache=True, parallel=True)
 def gemm_i64(x, w):
-    """Exact int64 GEMM ``S[m, n] = sum_k x[m, k] * w[n, k]`` (the fallback when float64 is not exact)."""
+    """Exact int64 GEMM ``S[0, m, n] = sum_k x[m, k] * w[n, k]`` (the route when no BLAS route is exact)."""
     M, K = x.shape
     N = w.shape[0]
-    out = np.empty((M, N), np.int64)
+    out = np.empty((1, M, N), np.int64)
     for m in prange(M):
         for n in range(N):
             s = np.int64(0)
             for k in range(K):
                 s += x[m, k] * w[n, k]
-            out[m, n] = s
+            out[0, m, n] = s
     return out
 
 
 @njit(cache=True, parallel=True)
-def gemm_epilogue(S, bias, mult, shift, add, lo, hi, acc_lo, acc_hi):
-    """``y[m, n] = sat(rq(accsat(bias[n] + S[m, n]), mult[n], shift[n]) + add[m % R, n], lo, hi)``.
+def linear_epilogue(S, bias, mult, shift, add, lo, hi, acc_lo, acc_hi, narrow, R, row_off, out, rows_per_task):
+    """``y[m, n] = sat(rq(accsat(bias[n] + sum_c S[c, m, n]), mult[n], shift[n]) + add[., n], lo[n], hi[n])``.
 
-    ``add`` is (R, N): the output zero point (R = 1) for ``linear``, the position embedding of the
-    patch tokens (R = patches per image, rows ordered image-major) for ``patch_embed``.
-    Returns ``(y, n_acc, n_out)``.
+    Row ``m`` of the GEMM is token ``m % R`` of image ``m // R`` and is written to
+    ``out[m // R, m % R + row_off, n]`` (``out`` is (B, Tout, N), float32 or int64). ``add`` is
+    (Ra, N): the output zero point (Ra = 1) for ``linear``, the position embedding of the patch
+    tokens (Ra = R, ``row_off = 1`` leaves the class token row to the caller) for ``patch_embed``.
+    Returns ``(n_acc, n_out)``.
     """
-    M, N = S.shape
-    R = add.shape[0]
-    y = np.empty((M, N), np.int64)
-    cacc = np.zeros(M, np.int64)
-    cout = np.zeros(M, np.int64)
-    for m in prange(M):
-        r = m % R
-        na = np.int64(0)
-        no = np.int64(0)
-        for n in range(N):
-            a = bias[n] + S[m, n]
-            if a < acc_lo:
-                a = acc_lo
-                na += 1
-            elif a > acc_hi:
-                a = acc_hi
-                na += 1
-            v = rq(a, mult[n], shift[n]) + add[r, n]
-            if v < lo:
-                v = lo
-                no += 1
-            elif v > hi:
-                v = hi
-                no += 1
-            y[m, n] = v
-        cacc[m] = na
-        cout[m] = no
-    return y, cacc.sum(), cout.sum()
+    M = S.shape[1]
+    N = S.shape[2]
+    Ra = add.shape[0]
+    ntask = (M + rows_per_task - 1) // rows_per_task
+    cnt = np.zeros((ntask, 2), np.int64)
+    for tk in prange(ntask):
+        buf = np.empty(N, np.int64)
+        for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
+            b = m // R
+            t = m - b * R
+            _acc_row(S, m, buf)
+            na, no = _requant_row(buf, 0, N, bias, mult, shift, add, t if Ra > 1 else 0, lo, hi, acc_lo, acc_hi,
+                                   narrow)
+            cnt[tk, 0] += na
+            cnt[tk, 1] += no
+            for n in range(N):
+                out[b, t + row_off, n] = _store_val(out, buf[n])
+    tot = cnt.sum(axis=0)
+    return tot[0], tot[1]
+
+
+@njit(cache=True, parallel=True)
+def linear_add_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow, skip, amult, ashift,
+                        alo, ahi, out, rows_per_task):
+    """``linear`` (int output) fused with the residual ``add`` that consumes it (spec 4.1, 4.6):
+
+        p[m, n]   = sat(rq(accsat(bias[n] + S[m, n]), mult[n], shift[n]) + zp[0, n], lo[n], hi[n])
+        out[m, n] = sat(p[m, n] + rq(skip[m, n], amult, ashift), alo, ahi)
+
+    ``skip`` and ``out`` are (M, N) int64. Returns ``(n_acc, n_out linear, n_out add)``.
+    """
+    M = S.shape[1]
+    N = S.shape[2]
+    ntask = (M + rows_per_task - 1) // rows_per_task
+    cnt = np.zeros((ntask, 3), np.int64)
+    for tk in prange(ntask):
+        buf = np.empty(N, np.int64)
+        for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
+            _acc_row(S, m, buf)
+            na, no = _requant_row(buf, 0, N, bias, mult, shift, zp, 0, lo, hi, acc_lo, acc_hi, narrow)
+            nd = np.int64(0)
+            for n in range(N):
+                y = buf[n] + rshift_bf(skip[m, n] * amult, ashift)
+                nd += np.int64(y < alo) + np.int64(y > ahi)
+                out[m, n] = min(max(y, alo), ahi)
+            cnt[tk, 0] += na
+            cnt[tk, 1] += no
+            cnt[tk, 2] += nd
+    tot = cnt.sum(axis=0)
+    return tot[0], tot[1], tot[2]
+
+
+@njit(cache=True, parallel=True)
+def linear_gelu_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow, table, offset, out,
+                         rows_per_task):
+    """``linear`` (int output) fused with the ``gelu`` table lookup that consumes it (spec 4.1, 4.5):
+    ``out[m, n] = table[p[m, n] + offset]`` with ``p`` as in ``linear_epilogue``; ``out`` (M, N)
+    float32 codes or int64. Returns ``(n_acc, n_out, n_bad)``; ``n_bad`` counts GELU inputs outside
+    the table (those give -1 and are an error for the caller)."""
+    M = S.shape[1]
+    N = S.shape[2]
+    G = table.shape[0]
+    ntask = (M + rows_per_task - 1) // rows_per_task
+    cnt = np.zeros((ntask, 3), np.int64)
+    for tk in prange(ntask):
+        buf = np.empty(N, np.int64)
+        for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
+            _acc_row(S, m, buf)
+            na, no = _requant_row(buf, 0, N, bias, mult, shift, zp, 0, lo, hi, acc_lo, acc_hi, narrow)
+            nb = np.int64(0)
+            for n in range(N):
+                j = buf[n] + offset
+                bad = (j < 0) | (j >= G)
+                nb += np.int64(bad)
+                v = table[np.uint64(min(max(j, 0), G - 1))]
+                out[m, n] = _store_val(out, -1 if bad else v)
+            cnt[tk, 0] += na
+            cnt[tk, 1] += no
+            cnt[tk, 2] += nb
+    tot = cnt.sum(axis=0)
+    return tot[0], tot[1], tot[2]
+
+
+@njit(cache=True, parallel=True)
+def qkv_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh,
+                 rows_per_task):
+    """The three ``linear`` ops q, k, v (one GEMM over their concatenated weights, N = 3 D) with
+    the attention's head split and zero-point centering fused (spec 4.1, 4.4):
+
+        y[m, n]  = sat(rq(accsat(bias[n] + S[m, n]), mult[n], shift[n]) + zp[0, n], lo[n], hi[n])
+        section s = n // D (q, k, v), channel c = n % D, head h = c // d, r = c % d, b = m // T, t = m % T
+        qh[b, h, t, r] = y - zp_q,   kT[b, h, r, t] = y - zp_k,   vh[b, h, t, r] = y - zp_v
+
+    with ``center[n]`` the zero point of the attention input of the column's section. The outputs
+    are float32 (their range was proven to lie within +-2^24). Returns the counts
+    ``(acc_q, out_q, acc_k, out_k, acc_v, out_v)``.
+    """
+    M = S.shape[1]
+    N = S.shape[2]
+    D = N // 3
+    d = D // H
+    ntask = (M + rows_per_task - 1) // rows_per_task
+    cnt = np.zeros((ntask, 6), np.int64)
+    for tk in prange(ntask):
+        buf = np.empty(N, np.int64)
+        for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
+            b = m // T
+            t = m - b * T
+            _acc_row(S, m, buf)
+            for sec in range(3):
+                na, no = _requant_row(buf, sec * D, (sec + 1) * D, bias, mult, shift, zp, 0, lo, hi,
+                                      acc_lo, acc_hi, narrow)
+                cnt[tk, 2 * sec] += na
+                cnt[tk, 2 * sec + 1] += no
+            for h in range(H):
+                cq = np.uint64(h * d)
+                ck = np.uint64(D + h * d)
+                cv = np.uint64(2 * D + h * d)
+                for r in range(d):
+                    n = cq + np.uint64(r)
+                    qh[b, h, t, r] = np.float32(np.int32(buf[n] - center[n]))
+                for r in range(d):
+                    n = ck + np.uint64(r)
+                    kT[b, h, r, t] = np.float32(np.int32(buf[n] - center[n]))
+                for r in range(d):
+                    n = cv + np.uint64(r)
+                    vh[b, h, t, r] = np.float32(np.int32(buf[n] - center[n]))
+    tot = cnt.sum(axis=0)
+    return tot[0], tot[1], tot[2], tot[3], tot[4], tot[5]
 
 
 # ---- layernorm ----------------------------------------------------------------------------
 
 
 @njit(cache=True, parallel=True)
-def layernorm_rows(x, gmul, gadd, recip_bits, norm_frac, shift, zp, lo, hi):
-    """Integer LayerNorm of every row of ``x`` (M, D) (spec 4.3). Returns ``(y, n_out)``."""
+def layernorm_rows(x, gmul, gadd, recip_bits, norm_frac, shift, zp, lo, hi, out):
+    """Integer LayerNorm of every row of ``x`` (M, D) int64 (spec 4.3) into ``out`` (M, D), float32
+    codes or int64. Returns ``n_out``."""
     M, D = x.shape
-    y = np.empty((M, D), np.int64)
     cout = np.zeros(M, np.int64)
     num = np.int64(1) << recip_bits
     nshift = recip_bits - norm_frac
@@ -158,19 +358,175 @@ def layernorm_rows(x, gmul, gadd, recip_bits, norm_frac, shift, zp, lo, hi):
             elif v > hi:
                 v = hi
                 no += 1
-            y[m, i] = v
+            out[m, i] = v
         cout[m] = no
-    return y, cout.sum()
+    return cout.sum()
 
 
-# ---- attention ----------------------------------------------------------------------------
+# ---- attention: integer softmax between two batched BLAS products ----------------------------
+
+
+@njit(cache=True)
+def _softmax_row(S, g, i, A, acc_lo, acc_hi, score_mult, score_shift, exp_frac_bits, exp_table, etab, dz,
+                 num, recip_frac, pmax, thresholds, binary, ctab, parts, P):
+    """One score row (see ``attn_softmax``). Returns ``(n_acc, n_prob)``."""
+    T = S.shape[2]
+    npart = parts.shape[1]
+    ntab = etab.shape[0]
+    nq = thresholds.shape[0]
+    emask = (np.int64(1) << exp_frac_bits) - 1
+    na = np.int64(0)
+    mx = acc_lo
+    for j in range(T):
+        s = _to_i64(S[g, i, j])
+        na += np.int64(s < acc_lo) + np.int64(s > acc_hi)
+        s = min(max(s, acc_lo), acc_hi)
+        A[j] = s
+        mx = max(mx, s)
+    Z = np.int64(0)
+    for j in range(T):
+        diff = mx - A[j]
+        if diff < ntab:
+            e = np.int64(etab[np.uint64(diff)])
+        elif diff >= dz:
+            e = np.int64(0)
+        else:
+            u = rq(diff, score_mult, score_shift)
+            ip = u >> exp_frac_bits
+            e = np.int64(0)
+            if ip <= 62:
+                e = rshift(exp_table[u & emask], ip)
+        A[j] = e
+        Z += e
+    inv = rdiv(num, Z)
+    npr = np.int64(0)
+    for j in range(T):
+        p = rshift(A[j] * inv, recip_frac)
+        npr += np.int64(p > pmax)
+        p = min(p, pmax)
+        if ctab.shape[0] > 0:
+            code = np.int64(ctab[np.uint64(p)])
+        elif binary != 0:
+            lo_i = 0
+            hi_i = nq
+            while lo_i < hi_i:  # first index with thresholds[idx] > p
+                mid = (lo_i + hi_i) >> 1
+                if thresholds[mid] <= p:
+                    lo_i = mid + 1
+                else:
+                    hi_i = mid
+            code = np.int64(lo_i)
+        else:
+            code = np.int64(0)
+            for t in range(nq):
+                code += np.int64(p >= thresholds[t])
+        A[j] = code
+    for s_ in range(npart):
+        row = np.uint64(s_ * T + i)
+        for j in range(T):
+            P[g, row, j] = parts[np.uint64(A[j]), s_]
+    return na, npr
 
 
 @njit(cache=True, parallel=True)
-def attention(q, k, v, heads, zp_q, zp_k, zp_v, score_mult, score_shift, exp_frac_bits,
-              prob_bits, recip_frac, mult, shift, zp, lo, hi, acc_lo, acc_hi,
-              exp_table, thresholds, decode, sorted_thresholds):
-    """Integer attention core (spec 4.4) on q, k, v (B, T, D). Returns ``(y, n_acc, n_out, n_prob)``.
+def attn_softmax(S, acc_lo, acc_hi, score_mult, score_shift, exp_frac_bits, exp_table, etab, dz, prob_bits,
+                 recip_frac, thresholds, sorted_thresholds, ctab, parts, P, rows_per_task):
+    """Integer softmax, threshold encoding and decode of every score row (spec 4.4).
+
+    ``S`` (G, T, T) holds the exact scores ``sum_r (q - zp_q)(k - zp_k)`` of G = B * H (image, head)
+    pairs (float32/float64/int64, exact integers). For row i of pair g the kernel forms ``accsat``,
+    the row maximum m, the base-2 exponentials e of ``m - A``, their sum Z, the reciprocal, the
+    probabilities (clamp counted as ``prob``) and the code, and writes the decode value
+    ``decode[code]`` split into ``np = parts.shape[1]`` digits: ``P[g, s * T + i, j] = parts[code, s]``
+    (``decode[code] = sum_s parts[code, s] * 2^(s * bits)``, chosen by the runner so that each
+    digit's product with V is exact in P's float type).
+
+    Two exact lookup tables, computed by the runner from the op's constants, replace per-element
+    work: ``etab[diff]`` is e for the gap ``diff = m - A < len(etab)`` (and e = 0 for
+    ``diff >= dz``, proven by the runner; other gaps are computed as the specification states);
+    ``ctab[p]`` is the code of probability p (when empty: binary search of the sorted thresholds,
+    or the literal count when they are not sorted). Returns ``(n_acc, n_prob)``.
+    """
+    G = S.shape[0]
+    T = S.shape[1]
+    num = np.int64(1) << (prob_bits + recip_frac)
+    pmax = (np.int64(1) << prob_bits) - 1
+    binary = np.int64(sorted_thresholds != 0)
+    nrb = (T + rows_per_task - 1) // rows_per_task
+    ntask = G * nrb
+    cnt = np.zeros((ntask, 2), np.int64)
+    for task in prange(ntask):
+        g = task // nrb
+        i0 = (task - g * nrb) * rows_per_task
+        A = np.empty(T, np.int64)
+        for i in range(i0, min(T, i0 + rows_per_task)):
+            na, npr = _softmax_row(S, g, i, A, acc_lo, acc_hi, score_mult, score_shift, exp_frac_bits,
+                                   exp_table, etab, dz, num, recip_frac, pmax, thresholds, binary, ctab, parts, P)
+            cnt[task, 0] += na
+            cnt[task, 1] += npr
+    tot = cnt.sum(axis=0)
+    return tot[0], tot[1]
+
+
+@njit(cache=True)
+def _attn_output_row(O, g, i, T, part_bits, mult, shift, zp, lo, hi, acc_lo, acc_hi, buf):
+    """One output row of ``attn_output`` into ``buf`` (d,). Returns ``(n_acc, n_out)``."""
+    d = O.shape[2]
+    npart = O.shape[1] // T
+    for r in range(d):
+        buf[r] = _to_i64(O[g, i, r])
+    for s_ in range(1, npart):
+        sh = s_ * part_bits
+        row = np.uint64(s_ * T + i)
+        for r in range(d):
+            buf[r] += _to_i64(O[g, row, r]) << sh
+    na = np.int64(0)
+    no = np.int64(0)
+    for r in range(d):
+        o = buf[r]
+        na += np.int64(o < acc_lo) + np.int64(o > acc_hi)
+        o = min(max(o, acc_lo), acc_hi)
+        val = rshift_bf(o * mult, shift) + zp
+        no += np.int64(val < lo) + np.int64(val > hi)
+        buf[r] = min(max(val, lo), hi)
+    return na, no
+
+
+@njit(cache=True, parallel=True)
+def attn_output(O, part_bits, mult, shift, zp, lo, hi, acc_lo, acc_hi, H, out, rows_per_task):
+    """Attention output (spec 4.4): ``O[g, s * T + i, r]`` are the exact products of the decode
+    digits s with ``v - zp_v``; ``O = sum_s O_s * 2^(s * part_bits)`` in int64, then
+    ``out[b, i, h * d + r] = sat(rq(accsat(O), mult, shift) + zp, lo, hi)`` with g = b * H + h.
+    ``out`` is (B, T, H * d), float32 codes or int64. Returns ``(n_acc, n_out)``."""
+    G = O.shape[0]
+    d = O.shape[2]
+    T = out.shape[1]
+    nrb = (T + rows_per_task - 1) // rows_per_task
+    ntask = G * nrb
+    cnt = np.zeros((ntask, 2), np.int64)
+    for task in prange(ntask):
+        g = task // nrb
+        i0 = (task - g * nrb) * rows_per_task
+        b = g // H
+        h = g - b * H
+        buf = np.empty(d, np.int64)
+        for i in range(i0, min(T, i0 + rows_per_task)):
+            na, no = _attn_output_row(O, g, i, T, part_bits, mult, shift, zp, lo, hi, acc_lo, acc_hi, buf)
+            cnt[task, 0] += na
+            cnt[task, 1] += no
+            c0 = np.uint64(h * d)
+            for r in range(d):
+                out[b, i, c0 + np.uint64(r)] = _store_val(out, buf[r])
+    tot = cnt.sum(axis=0)
+    return tot[0], tot[1]
+
+
+@njit(cache=True, parallel=True)
+def attention_i64(q, k, v, heads, zp_q, zp_k, zp_v, score_mult, score_shift, exp_frac_bits,
+                  prob_bits, recip_frac, mult, shift, zp, lo, hi, acc_lo, acc_hi,
+                  exp_table, thresholds, decode, sorted_thresholds):
+    """Integer attention core (spec 4.4) on int64 q, k, v (B, T, D), entirely in int64 (the route
+    when no float product is provably exact, and ``gemm="int"``). Returns ``(y, n_acc, n_out, n_prob)``.
 
     One parallel iteration per (image, head, query row). ``sorted_thresholds`` (0/1) selects a
     binary search for the threshold encoding; otherwise the literal count over all thresholds.
@@ -195,7 +551,6 @@ def attention(q, k, v, heads, zp_q, zp_k, zp_v, score_mult, score_shift, exp_fra
         na = np.int64(0)
         no = np.int64(0)
         npr = np.int64(0)
-        # scores A[i, j], saturated, and their maximum
         A = np.empty(T, np.int64)
         mx = acc_lo
         for j in range(T):
@@ -211,7 +566,6 @@ def attention(q, k, v, heads, zp_q, zp_k, zp_v, score_mult, score_shift, exp_fra
             A[j] = s
             if s > mx:
                 mx = s
-        # base-2 exponentials and their row sum (A is reused to hold e)
         Z = np.int64(0)
         for j in range(T):
             u = rq(mx - A[j], score_mult, score_shift)
@@ -222,7 +576,6 @@ def attention(q, k, v, heads, zp_q, zp_k, zp_v, score_mult, score_shift, exp_fra
             A[j] = e
             Z += e
         inv = rdiv(num, Z)
-        # probabilities, threshold encoding, table decode times V
         O = np.zeros(d, np.int64)
         for j in range(T):
             p = rshift(A[j] * inv, recip_frac)
@@ -232,7 +585,7 @@ def attention(q, k, v, heads, zp_q, zp_k, zp_v, score_mult, score_shift, exp_fra
             if sorted_thresholds != 0:
                 lo_i = 0
                 hi_i = nq
-                while lo_i < hi_i:  # first index with thresholds[idx] > p
+                while lo_i < hi_i:
                     mid = (lo_i + hi_i) >> 1
                     if thresholds[mid] <= p:
                         lo_i = mid + 1
