@@ -8,6 +8,8 @@ from program.format import DEFAULT_SETTINGS
 from program.quantizers import TYPES as SOFTMAX_TYPES
 
 LN_RULES = ("mosf", "mean")
+RECON_DEFAULTS: dict[str, Any] = {"recon_images": 256, "recon_iters": 400, "recon_lr": 1e-2, "recon_batch": 32}
+RECON_FIELDS = tuple(["reconstruct", *RECON_DEFAULTS])
 
 
 @dataclass
@@ -25,6 +27,15 @@ class CalibConfig:
     * ``sequential``: calibrate each block on the output of the already quantized blocks before
       it (fake-quant path, as RepQ-ViT's one-pass initialization sees it); ``False`` calibrates
       every block on the float model's activations.
+    * ``reconstruct``: after calibration, tune every unit (patch embedding, each block, head) so
+      that its fake-quant output matches the float model's (:mod:`calib.reconstruct`: activation
+      scales, then the post-LN reparameterization, then the weights' rounding). Off by default.
+    * ``recon_images``: how many of the reconstruction images to use (the first ones; default 256).
+    * ``recon_iters``: optimizer steps per unit, all three stages together (split 1/4 activations,
+      1/4 post-LN reparameterization, 1/2 weight rounding).
+    * ``recon_lr``: Adam learning rate of the rounding variables; the log-scales use a tenth of it.
+    * ``recon_batch``: images per step.
+    The reconstruction fields are recorded in the program only when ``reconstruct`` is on.
     """
 
     wbits: int = 4
@@ -34,6 +45,11 @@ class CalibConfig:
     seed: int = 0
     settings: dict[str, int] = field(default_factory=dict)
     sequential: bool = True
+    reconstruct: bool = False
+    recon_images: int = RECON_DEFAULTS["recon_images"]
+    recon_iters: int = RECON_DEFAULTS["recon_iters"]
+    recon_lr: float = RECON_DEFAULTS["recon_lr"]
+    recon_batch: int = RECON_DEFAULTS["recon_batch"]
 
     def validate(self) -> None:
         for name in ("wbits", "abits"):
@@ -48,6 +64,15 @@ class CalibConfig:
             raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.reconstruct, bool):
+            raise ValueError(f"reconstruct must be True or False, got {self.reconstruct!r}")
+        for name in ("recon_images", "recon_iters", "recon_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        lr = self.recon_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < float(lr) < 1):
+            raise ValueError(f"recon_lr must be a number in (0, 1), got {lr!r}")
         unknown = sorted(set(self.settings) - set(DEFAULT_SETTINGS))
         if unknown:
             raise ValueError(f"unknown settings {', '.join(unknown)} (known: {', '.join(DEFAULT_SETTINGS)})")
@@ -66,5 +91,10 @@ class CalibConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.reconstruct:
+            d["recon_lr"] = float(self.recon_lr)
+        else:       # a calibration-only program records exactly what it did before reconstruction existed
+            for k in RECON_FIELDS:
+                d.pop(k)
         d["settings"] = {k: int(v) for k, v in sorted(self.settings.items())}
         return d

@@ -111,9 +111,11 @@ def _t32(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def quantized_block_forward(bc: BlockCalib, r: torch.Tensor, index: int, heads: int, eps: float) -> torch.Tensor:
+def quantized_block_forward(bc: BlockCalib, r: torch.Tensor, index: int, heads: int, eps: float,
+                            tap=None) -> torch.Tensor:
     """Fake-quant forward of a calibrated block (the semantics of ``reference.vit.FakeQuantViT``):
-    dequantized weights, reparameterized LN affines, quantize-dequantize at every quantized point."""
+    dequantized weights, reparameterized LN affines, quantize-dequantize at every quantized point.
+    ``tap(name, tensor)`` (optional) observes the integer-valued points as in ``block_forward``."""
     bp = BlockParams(
         norm1_w=_t32(bc.norm1.gamma), norm1_b=_t32(bc.norm1.beta),
         q_w=_t32(bc.q.weight.dequant()), q_b=_t32(bc.q.bias), k_w=_t32(bc.k.weight.dequant()), k_b=_t32(bc.k.bias),
@@ -133,7 +135,8 @@ def quantized_block_forward(bc: BlockCalib, r: torch.Tensor, index: int, heads: 
         a = acts[name]
         return fake_quant_uniform(x, a.scale, a.zero_point, a.bits)
 
-    return torch.cat([block_forward(bp, r[s:s + CHUNK], index, heads, eps, hook)
+    extra = () if tap is None else (tap,)
+    return torch.cat([block_forward(bp, r[s:s + CHUNK], index, heads, eps, hook, *extra)
                       for s in range(0, r.shape[0], CHUNK)])
 
 
@@ -180,16 +183,31 @@ def _check_images(images, img_size: int) -> np.ndarray:
     return images
 
 
+def _method(config: CalibConfig) -> str:
+    if config.reconstruct:
+        return ("DopQ-ViT (TanQ + MOSF) + block reconstruction" if (config.softmax_quant, config.ln_rule)
+                == ("tanq", "mosf") else "DopQ-ViT pipeline + block reconstruction, ablation")
+    return ("DopQ-ViT (TanQ + MOSF), calibration only" if (config.softmax_quant, config.ln_rule) == ("tanq", "mosf")
+            else "DopQ-ViT pipeline, ablation")
+
+
 def calibrate(model, images, mean, std, config: CalibConfig | None = None, provenance: dict | None = None,
-              progress: bool = True) -> Program:
-    """Post-training quantization (DopQ-ViT) of a timm ``VisionTransformer`` into an integer program.
+              progress: bool = True, recon_images=None) -> Program:
+    """Post-training quantization (DopQ-ViT) of a timm ``VisionTransformer`` (or ``SwinTransformer``,
+    dispatched to :func:`calib.swin.calibrate`) into an integer program.
 
     ``model``: timm VisionTransformer (put in eval mode); ``images``: uint8 (N, 3, H, W), already
     resized / cropped, raw pixels; ``mean`` / ``std``: the model's input normalization (3 each);
     ``config``: :class:`CalibConfig`; ``provenance``: caller's record (model name, checkpoint...),
-    stored in the header with the calibration settings added under ``"calibration"``.
+    stored in the header with the calibration settings added under ``"calibration"``;
+    ``recon_images``: uint8 images for the optional reconstruction stage (``config.reconstruct``,
+    :mod:`calib.reconstruct`; the first ``config.recon_images`` are used; default: ``images``).
     Deterministic: the same inputs and config give a byte-identical saved program.
     """
+    from reference.swin import is_swin
+    if is_swin(model):                     # timm SwinTransformer: calib/swin.py (same arguments, same result type)
+        from .swin import calibrate as calibrate_swin
+        return calibrate_swin(model, images, mean, std, config, provenance, progress)
     config = config or CalibConfig()
     settings = config.resolved_settings()
     model.eval()
@@ -198,11 +216,19 @@ def calibrate(model, images, mean, std, config: CalibConfig | None = None, prove
         imgs = _check_images(images, params.img_size)
         budget = Budget()
         mc = calibrate_params(params, imgs, config, settings, progress, budget)
+    recon = None
+    if config.reconstruct:
+        from .reconstruct import reconstruct
+        rimgs = imgs if recon_images is None else _check_images(recon_images, params.img_size)
+        rimgs = rimgs[:config.recon_images]
+        mc, logs = reconstruct(params, mc, rimgs, config, settings, progress)
+        recon = {"num_images": int(rimgs.shape[0]),
+                 "images_sha256": hashlib.sha256(rimgs.tobytes()).hexdigest(),
+                 "units": [lg.to_dict() for lg in logs]}
     prov = dict(provenance or {})
     prov["calibration"] = {
         **config.to_dict(),
-        "method": "DopQ-ViT (TanQ + MOSF), calibration only" if (config.softmax_quant, config.ln_rule) == ("tanq", "mosf")
-        else "DopQ-ViT pipeline, ablation",
+        "method": _method(config),
         "num_images": int(imgs.shape[0]),
         "images_sha256": hashlib.sha256(imgs.tobytes()).hexdigest(),
         "mean": [float(m) for m in mean],
@@ -212,4 +238,6 @@ def calibrate(model, images, mean, std, config: CalibConfig | None = None, prove
         "sample_budget": {"rows": budget.rows, "elements": budget.elements,
                           "softmax_images": budget.softmax_images, "softmax_rows": budget.softmax_rows},
     }
+    if recon is not None:
+        prov["calibration"]["reconstruction"] = recon
     return build_program(mc, settings, prov)

@@ -3,6 +3,8 @@
     intsim run         calibrate (or load --program) and compare float, fake-quant, engine and golden
     intsim calibrate   calibrate and write the integer program
     intsim inspect     summarize a program file
+    intsim vectors     test vectors of one op (npz + hex + FORMAT.md); --check re-runs them on the engine
+    intsim plot        sweep accuracy vs cost, post-softmax distribution, per-layer SQNR (PNG)
     intsim bundle      (maintainers) rebuild the bundled image set from the CIFAR-10 zip
 
 Bad input (unknown model, bits out of range, unreadable files, unwritable outputs...) prints one
@@ -145,6 +147,16 @@ def _sweep_doc() -> str:
     return sweep.__doc__
 
 
+def _vectors_doc() -> str:
+    from . import vectors
+    return vectors.__doc__
+
+
+def _plots_doc() -> str:
+    from . import plots
+    return plots.__doc__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="intsim",
@@ -192,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     from .sweep import add_arguments as _sweep_args
     _sweep_args(sw)
+
+    ve = sub.add_parser("vectors", help="test vectors of one op (npz + hex) for hardware testbenches",
+                        description=_vectors_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .vectors import add_arguments as _vectors_args
+    _vectors_args(ve)
+
+    pl = sub.add_parser("plot", help="plots: sweep accuracy vs cost, post-softmax distribution, per-layer SQNR",
+                        description=_plots_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .plots import add_arguments as _plot_args
+    _plot_args(pl)
 
     b = sub.add_parser("bundle", help="(maintainers) rebuild the bundled CIFAR-10 image set",
                        description="Draw the bundled calibration and evaluation images from the CIFAR-10 zip.")
@@ -418,7 +440,17 @@ def cmd_sweep(a) -> int:
     return sweep.run(a)
 
 
-COMMANDS = {"sweep": cmd_sweep, "run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle}
+def cmd_vectors(a) -> int:
+    from . import vectors
+    return vectors.run(a)
+
+
+def cmd_plot(a) -> int:
+    from . import plots
+    return plots.run(a)
+
+
+COMMANDS = {"vectors": cmd_vectors, "plot": cmd_plot, "sweep": cmd_sweep, "run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle}
 
 
 def main(argv: list[str] | None = None) -> int:

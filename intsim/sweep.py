@@ -5,7 +5,9 @@ fake-quant and engine levels on the same evaluation images (the float level runs
 the golden model on the first ``--golden-images``). Results are appended to ``OUT/results.jsonl``
 as each point finishes, so an interrupted sweep resumes where it stopped: points whose key is
 already there are skipped. ``OUT/results.csv`` and ``OUT/results.json`` are rewritten from it at
-the end. ``--jobs N`` runs points in N worker processes.
+the end, followed by the plots ``OUT/accuracy_vs_bops.png`` and
+``OUT/accuracy_vs_weight_storage.png`` (``intsim plot sweep``; a plotting failure leaves the
+results intact). ``--jobs N`` runs points in N worker processes.
 """
 from __future__ import annotations
 
@@ -250,7 +252,23 @@ def run(a) -> int:
     os.replace(tmp, out / "results.json")
     print(format_rows(rows))
     print(f"\nwrote {out / 'results.csv'} and {out / 'results.json'}")
+    _write_plots(rows, out)
     return 0
+
+
+def _write_plots(rows: list[dict], out: Path) -> None:
+    """Accuracy against BOPs / weight storage (intsim/plots.py); a plotting failure only warns,
+    the results are already written."""
+    if not rows:
+        return
+    try:
+        from .plots import plot_sweep
+        res = plot_sweep(rows, out)
+        if res["files"]:
+            print("wrote " + " and ".join(res["files"]))
+    except Exception as e:  # noqa: BLE001 - never lose a finished sweep to a plot
+        print(f"sweep: plots not written ({type(e).__name__}: {e}); the results are complete. "
+              f"Retry with: intsim plot sweep {out / 'results.json'}")
 
 
 def format_rows(rows: list[dict]) -> str:

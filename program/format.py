@@ -95,6 +95,37 @@ OP_SCHEMA: dict[str, dict[str, Any]] = {
         "tensors": {},
         "float": {},
     },
+    # ---- Swin Transformer op types (docs/integer-spec.md section 9). Extra shape symbols:
+    # "Wn" tokens per window (window^2), "Wr" relative positions ((2 window - 1)^2), "Wc" windows
+    # per image (T / Wn), "Hh" heads, "4" the four 2x2 neighbours of patch merging.
+    "patchify": {
+        "inputs": 1,
+        "attrs": ("patch",),
+        "tensors": {},
+        "float": {},
+    },
+    "patch_merge": {
+        "inputs": 1,
+        "attrs": ("grid",),
+        "tensors": {"src": ("int32", ("T", "4"))},
+        "float": {},
+    },
+    "window_attention": {
+        "inputs": 3,
+        "attrs": ("heads", "window", "cyclic_shift", "grid", "score_frac", "zp_q", "zp_k", "zp_v", "score_mult",
+                  "score_shift", "exp_frac_bits", "exp_bits", "prob_bits", "recip_frac", "decode_bits", "mult",
+                  "shift", "zp", "lo", "hi", "softmax_quant"),
+        "tensors": {"exp_table": ("int64", ("E",)), "thresholds": ("int64", ("Q",)), "decode": ("int64", ("Q+1",)),
+                    "tokens": ("int32", ("Wc", "Wn")), "bias_table": ("int64", ("Hh", "Wr")),
+                    "rel_index": ("int32", ("Wn", "Wn")), "mask": ("int8", ("Wc", "Wn", "Wn"))},
+        "float": {"levels": ("float64", ("Q+1",))},
+    },
+    "token_pool": {
+        "inputs": 1,
+        "attrs": ("mult", "shift", "zp", "lo", "hi"),
+        "tensors": {},
+        "float": {},
+    },
 }
 
 
@@ -212,6 +243,17 @@ def _dims(prog: Program, op: dict[str, Any]) -> dict[str, int]:
         p = op["attrs"]["patch"]
         d["K"] = in_shape[0] * p * p
     d["Q+1"] = d["Q"] + 1
+    if op["type"] == "patch_merge":
+        d["4"] = 4
+    elif op["type"] == "window_attention":
+        a = op["attrs"]
+        try:
+            ws, heads = int(a["window"]), int(a["heads"])
+        except (TypeError, ValueError):
+            raise ProgramError(f"op '{op['name']}': window and heads must be integers") from None
+        if ws < 1 or heads < 1 or in_shape[0] % (ws * ws):
+            raise ProgramError(f"op '{op['name']}': {in_shape[0]} tokens do not split into windows of {ws}x{ws}")
+        d.update({"Wn": ws * ws, "Wr": (2 * ws - 1) ** 2, "Wc": in_shape[0] // (ws * ws), "Hh": heads})
     return d
 
 

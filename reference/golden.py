@@ -302,3 +302,111 @@ def run(program: Any, images: np.ndarray, keep_values: bool = False) -> GoldenRe
     assert out.ndim == 3 and out.shape[1] == 1, f"output value has shape {out.shape}, expected (B, 1, classes)"
     return GoldenResult(logits=out[:, 0, :], scale=float(program.values[program.output]["scale"]),
                         counts=counts, values=values if keep_values else None)
+
+
+# ---- section 9: Swin Transformer op types ----------------------------------------------------------
+
+def patchify(program: Any, op: dict, image: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """9.1: x[b, i*(W/p) + j, (ch*p + ky)*p + kx] = image[b, ch, i*p + ky, j*p + kx] (layout only)."""
+    p = op["attrs"]["patch"]
+    img = _i64(image)
+    B, C, H, W = img.shape
+    assert H % p == 0 and W % p == 0, "image size is not a multiple of the patch size"
+    x = img.reshape(B, C, H // p, p, W // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    return x, _counts()
+
+
+def patch_merge(program: Any, op: dict, x: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """9.2: y[t, k*C + c] = x[src[t, k], c] (layout only)."""
+    src = _t(program, op, "src")                                       # (T/4, 4)
+    x = _i64(x)
+    B, T, C = x.shape
+    Hg, Wg = op["attrs"]["grid"]
+    assert T == Hg * Wg and src.shape == (T // 4, 4) and (src >= 0).all() and (src < T).all()
+    return x[:, src].reshape(B, T // 4, 4 * C), _counts()
+
+
+def int_softmax_masked(A: np.ndarray, valid: np.ndarray, exp_table: np.ndarray, score_mult: int, score_shift: int,
+                       E: int, P: int, G: int) -> tuple[np.ndarray, int]:
+    """9.3: the integer softmax of 4.4 over the valid positions of each row; e = 0 (so p = 0) where masked."""
+    assert len(exp_table) == 2**E and 2**(P + G) < 2**61
+    assert valid.any(axis=-1).all(), "a softmax row with every position masked"
+    m = np.where(valid, A, I64_MIN).max(axis=-1, keepdims=True)       # m[i] = max over valid j
+    diff = np.where(valid, _sub(m, np.where(valid, A, m)), 0)          # m - A on valid positions
+    u = rq(diff, score_mult, score_shift)
+    assert (u >= 0).all()
+    hi_part, lo_part = u >> E, u & (2**E - 1)
+    e = np.where(hi_part <= 62, rshift(exp_table[lo_part], np.minimum(hi_part, 62)), 0)
+    e = np.where(valid, e, 0)                                           # masked: e = 0
+    _assert_dot_fits(A.shape[-1], e, np.int64(1))
+    Z = e.sum(axis=-1, keepdims=True)
+    inv = rdiv(2 ** (P + G), Z)
+    p, n_prob = sat(rshift(_mul(e, inv), G), I64_MIN, 2**P - 1)
+    return p, n_prob
+
+
+def window_probs(program: Any, op: dict, q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """9.3 up to the probabilities: p (B, nW, H, n, n), and the acc / prob saturation counts."""
+    at = op["attrs"]
+    tokens = _t(program, op, "tokens")                                  # (nW, n)
+    rel, mask = _t(program, op, "rel_index"), _t(program, op, "mask")
+    table = _t(program, op, "bias_table")                               # (H, R)
+    q, k = _i64(q), _i64(k)
+    B, T, D = q.shape
+    H, Fb = at["heads"], at["score_frac"]
+    nW, n = tokens.shape
+    assert D % H == 0 and nW * n == T and np.array_equal(np.sort(tokens.ravel()), np.arange(T))
+    assert 0 <= Fb <= 30 and rel.shape == (n, n) and mask.shape == (nW, n, n)
+    d = D // H
+
+    def win(a: np.ndarray, zp: int) -> np.ndarray:                      # (B, nW, H, n, d)
+        return (a[:, tokens] - zp).reshape(B, nW, n, H, d).transpose(0, 1, 3, 2, 4)
+
+    qw, kw = win(q, at["zp_q"]), win(k, at["zp_k"])
+    _assert_dot_fits(d, qw, kw)
+    dot = qw @ kw.transpose(0, 1, 2, 4, 3)                              # sum_r (q - zq)(k - zk)
+    bias = table[:, rel]                                                # bias[h, i, j] = bias_table[h, rel_index[i, j]]
+    A, n_acc = accsat(_add(_mul(dot, 2**Fb), bias[None, None]), program.settings["acc_bits"])
+    valid = np.broadcast_to((mask == 0)[None, :, None], A.shape)
+    p, n_prob = int_softmax_masked(A, valid, _t(program, op, "exp_table"), at["score_mult"], at["score_shift"],
+                                   at["exp_frac_bits"], at["prob_bits"], at["recip_frac"])
+    return p, n_acc, n_prob
+
+
+def window_attention(program: Any, op: dict, q: np.ndarray, k: np.ndarray, v: np.ndarray
+                     ) -> tuple[np.ndarray, dict[str, int]]:
+    """9.3: attention inside (shifted) windows with an integer score bias and the shift mask."""
+    at = op["attrs"]
+    Ab = program.settings["acc_bits"]
+    thresholds, decode = _t(program, op, "thresholds"), _t(program, op, "decode")
+    tokens = _t(program, op, "tokens")
+    v = _i64(v)
+    B, T, D = v.shape
+    H = at["heads"]
+    nW, n = tokens.shape
+    d = D // H
+    p, n_acc1, n_prob = window_probs(program, op, q, k)
+    code = encode(p, thresholds)
+    assert len(decode) == len(thresholds) + 1
+    dec = decode[code]                                                  # (B, nW, H, n, n)
+    vw = (v[:, tokens] - at["zp_v"]).reshape(B, nW, n, H, d).transpose(0, 1, 3, 2, 4)
+    _assert_dot_fits(n, dec, vw)
+    O, n_acc2 = accsat(dec @ vw, Ab)                                    # O[i, r]
+    yw, n_out = sat(_add(rq(O, at["mult"], at["shift"]), at["zp"]), at["lo"], at["hi"])
+    y = np.empty((B, T, D), np.int64)
+    y[:, tokens.reshape(-1)] = yw.transpose(0, 1, 3, 2, 4).reshape(B, nW * n, D)   # window reverse
+    return y, _counts(acc=n_acc1 + n_acc2, out=n_out, prob=n_prob)
+
+
+def token_pool(program: Any, op: dict, x: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """9.4: y[c] = sat(rq(accsat(sum_t x[t, c]), mult, shift) + zp, lo, hi), output (B, 1, C)."""
+    at = op["attrs"]
+    x = _i64(x)
+    _assert_dot_fits(x.shape[1], x, np.int64(1))
+    S, n_acc = accsat(x.sum(axis=1, keepdims=True), program.settings["acc_bits"])
+    y, n_out = sat(_add(rq(S, at["mult"], at["shift"]), at["zp"]), at["lo"], at["hi"])
+    return y, _counts(acc=n_acc, out=n_out)
+
+
+OPS.update({"patchify": patchify, "patch_merge": patch_merge, "window_attention": window_attention,
+            "token_pool": token_pool})

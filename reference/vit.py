@@ -371,6 +371,13 @@ class FakeQuantViT:
     ``softmax_quant``. ``int`` values (residual stream, GELU input, logits) stay float.
     """
 
+    def __new__(cls, program, *args, **kwargs):
+        # a Swin program (model.arch == "swin") gets its fake-quant model, reference.swin.FakeQuantSwin
+        if cls is FakeQuantViT and program.model.get("arch") == "swin":
+            from reference.swin import FakeQuantSwin
+            cls = FakeQuantSwin
+        return super().__new__(cls)
+
     def __init__(self, program):
         from program.quantizers import from_dict
 

@@ -6,6 +6,7 @@
 | ``cifar10_vit_d6_stress`` | its stress variant with outlier channels (``reference/stress.py``) | derived on the fly |
 | ``deit_t`` / ``deit_s`` / ``deit_b`` | ``deit_{tiny,small,base}_patch16_224`` | ImageNet, from timm |
 | ``vit_s`` / ``vit_b`` | ``vit_{small,base}_patch16_224`` | ImageNet, from timm |
+| ``swin_t`` / ``swin_s`` / ``swin_b`` | ``swin_{tiny,small,base}_patch4_window7_224`` | ImageNet, from timm |
 
 Weights come from ``--checkpoint PATH`` (a state dict as safetensors or a torch file), else the
 pretrained weights (bundled file, or timm's: local Hugging Face cache, download when the network
@@ -49,6 +50,9 @@ MODELS: dict[str, ModelSpec] = {
     "deit_b": ModelSpec("deit_b", "deit_base_patch16_224"),
     "vit_s": ModelSpec("vit_s", "vit_small_patch16_224"),
     "vit_b": ModelSpec("vit_b", "vit_base_patch16_224"),
+    "swin_t": ModelSpec("swin_t", "swin_tiny_patch4_window7_224"),
+    "swin_s": ModelSpec("swin_s", "swin_small_patch4_window7_224"),
+    "swin_b": ModelSpec("swin_b", "swin_base_patch4_window7_224"),
 }
 DEFAULT_MODEL = cifar_model.NAME
 

@@ -132,14 +132,22 @@ def _acc_row(S, m, buf):
             buf[n] += _to_i64(S[c, m, n])
 
 
-@njit(cache=True)
-def _requant_row(buf, n0, n1, bias, mult, shift, add, ar, lo, hi, acc_lo, acc_hi, narrow):
-    """In place for n0 <= n < n1:
-    ``buf[n] = sat(rq(accsat(bias[n] + buf[n]), mult[n], shift[n]) + add[ar, n], lo[n], hi[n])``.
+#: Rows of the per-column parameter table ``cols`` (7, N) of a linear epilogue.
+C_BIAS, C_MULT, C_SHIFT, C_OFF, C_CORR, C_LO, C_HI = 0, 1, 2, 3, 4, 5, 6
 
-    ``narrow`` (0/1) says that the accumulator range and every multiplier fit in int32 (``acc_bits
-    <= 32``, ``|mult| < 2^31``): the 64-bit product is then formed from int32 operands (the same
-    value, a cheaper instruction). Returns ``(n_acc, n_out)``.
+
+@njit(cache=True)
+def _requant_row(buf, n0, n1, cols, add, ar, acc_lo, acc_hi, narrow):
+    """In place for n0 <= n < n1 (spec 4.1):
+    ``buf[n] = sat(rq(accsat(bias[n] + buf[n]), mult[n], shift[n]) + add[ar, n], lo[n], hi[n])``
+    with the per-column constants in ``cols`` (rows ``C_*``). Returns ``(n_acc, n_out)``.
+
+    ``narrow`` (0/1): the accumulator range and every multiplier lie within +-2^31 and every shift
+    in 0..62 (the runner checks it). Then ``|p| = |a * m| <= 2^62`` and the rounding shift is one
+    logical shift of an offset value: with ``off = 2^62 + h`` (``h = 2^(n-1)``, 0 for n = 0) and
+    ``corr = 2^(62-n)``, ``p + off`` lies in ``[0, 2^64)`` and
+    ``floor((p + h) / 2^n) = ((p + off) >>> n) - corr`` (unsigned shift), exactly ``rshift(p, n)``.
+    Otherwise the general ``rshift_bf``.
     """
     na = np.int64(0)
     no = np.int64(0)
@@ -147,22 +155,34 @@ def _requant_row(buf, n0, n1, bias, mult, shift, add, ar, lo, hi, acc_lo, acc_hi
     if narrow != 0:
         for k in range(n1 - n0):
             n = u0 + np.uint64(k)
-            a = buf[n] + bias[n]
-            na += np.int64(a < acc_lo) + np.int64(a > acc_hi)
-            a = min(max(a, acc_lo), acc_hi)
-            v = rshift_bf(np.int64(np.int32(a)) * np.int64(np.int32(mult[n])), shift[n]) + add[ar, n]
-            no += np.int64(v < lo[n]) + np.int64(v > hi[n])
-            buf[n] = min(max(v, lo[n]), hi[n])
+            a = buf[n] + cols[C_BIAS, n]
+            c = min(max(a, acc_lo), acc_hi)
+            na += np.int64(c != a)
+            u = np.uint64(np.int64(np.int32(c)) * np.int64(np.int32(cols[C_MULT, n]))) + np.uint64(cols[C_OFF, n])
+            v = np.int64(u >> np.uint64(cols[C_SHIFT, n])) - cols[C_CORR, n] + add[ar, n]
+            y = min(max(v, cols[C_LO, n]), cols[C_HI, n])
+            no += np.int64(y != v)
+            buf[n] = y
     else:
         for k in range(n1 - n0):
             n = u0 + np.uint64(k)
-            a = buf[n] + bias[n]
-            na += np.int64(a < acc_lo) + np.int64(a > acc_hi)
-            a = min(max(a, acc_lo), acc_hi)
-            v = rshift_bf(a * mult[n], shift[n]) + add[ar, n]
-            no += np.int64(v < lo[n]) + np.int64(v > hi[n])
-            buf[n] = min(max(v, lo[n]), hi[n])
+            a = buf[n] + cols[C_BIAS, n]
+            c = min(max(a, acc_lo), acc_hi)
+            na += np.int64(c != a)
+            v = rshift_bf(c * cols[C_MULT, n], cols[C_SHIFT, n]) + add[ar, n]
+            y = min(max(v, cols[C_LO, n]), cols[C_HI, n])
+            no += np.int64(y != v)
+            buf[n] = y
     return na, no
+
+
+@njit(cache=True, inline="always")
+def _rq_scalar(a, m, off, sh, corr, n, narrow):
+    """``rq(a, m, n)`` for scalars; the offset form (see ``_requant_row``) when ``narrow``."""
+    if narrow != 0:
+        u = np.uint64(np.int64(np.int32(a)) * np.int64(np.int32(m))) + np.uint64(off)
+        return np.int64(u >> np.uint64(sh)) - corr
+    return rshift_bf(a * m, n)
 
 
 # ---- linear / patch_embed: the int64 GEMM and the fused epilogues --------------------------------
@@ -184,7 +204,7 @@ def gemm_i64(x, w):
 
 
 @njit(cache=True, parallel=True)
-def linear_epilogue(S, bias, mult, shift, add, lo, hi, acc_lo, acc_hi, narrow, R, row_off, out, rows_per_task):
+def linear_epilogue(S, cols, add, acc_lo, acc_hi, narrow, R, row_off, out, rows_per_task):
     """``y[m, n] = sat(rq(accsat(bias[n] + sum_c S[c, m, n]), mult[n], shift[n]) + add[., n], lo[n], hi[n])``.
 
     Row ``m`` of the GEMM is token ``m % R`` of image ``m // R`` and is written to
@@ -204,8 +224,7 @@ def linear_epilogue(S, bias, mult, shift, add, lo, hi, acc_lo, acc_hi, narrow, R
             b = m // R
             t = m - b * R
             _acc_row(S, m, buf)
-            na, no = _requant_row(buf, 0, N, bias, mult, shift, add, t if Ra > 1 else 0, lo, hi, acc_lo, acc_hi,
-                                   narrow)
+            na, no = _requant_row(buf, 0, N, cols, add, t if Ra > 1 else 0, acc_lo, acc_hi, narrow)
             cnt[tk, 0] += na
             cnt[tk, 1] += no
             for n in range(N):
@@ -215,14 +234,15 @@ def linear_epilogue(S, bias, mult, shift, add, lo, hi, acc_lo, acc_hi, narrow, R
 
 
 @njit(cache=True, parallel=True)
-def linear_add_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow, skip, amult, ashift,
-                        alo, ahi, out, rows_per_task):
+def linear_add_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, skip, amult, ashift, aoff, acorr, alo, ahi,
+                        anarrow, out, rows_per_task):
     """``linear`` (int output) fused with the residual ``add`` that consumes it (spec 4.1, 4.6):
 
         p[m, n]   = sat(rq(accsat(bias[n] + S[m, n]), mult[n], shift[n]) + zp[0, n], lo[n], hi[n])
         out[m, n] = sat(p[m, n] + rq(skip[m, n], amult, ashift), alo, ahi)
 
-    ``skip`` and ``out`` are (M, N) int64. Returns ``(n_acc, n_out linear, n_out add)``.
+    ``skip`` and ``out`` are (M, N) int64; ``anarrow``: the offset form of the add's rq is exact
+    (skip and amult within +-2^31, shift 0..62). Returns ``(n_acc, n_out linear, n_out add)``.
     """
     M = S.shape[1]
     N = S.shape[2]
@@ -232,12 +252,13 @@ def linear_add_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow
         buf = np.empty(N, np.int64)
         for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
             _acc_row(S, m, buf)
-            na, no = _requant_row(buf, 0, N, bias, mult, shift, zp, 0, lo, hi, acc_lo, acc_hi, narrow)
+            na, no = _requant_row(buf, 0, N, cols, zp, 0, acc_lo, acc_hi, narrow)
             nd = np.int64(0)
             for n in range(N):
-                y = buf[n] + rshift_bf(skip[m, n] * amult, ashift)
-                nd += np.int64(y < alo) + np.int64(y > ahi)
-                out[m, n] = min(max(y, alo), ahi)
+                y = buf[n] + _rq_scalar(skip[m, n], amult, aoff, ashift, acorr, ashift, anarrow)
+                c = min(max(y, alo), ahi)
+                nd += np.int64(c != y)
+                out[m, n] = c
             cnt[tk, 0] += na
             cnt[tk, 1] += no
             cnt[tk, 2] += nd
@@ -246,12 +267,12 @@ def linear_add_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow
 
 
 @njit(cache=True, parallel=True)
-def linear_gelu_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow, table, offset, out,
-                         rows_per_task):
+def linear_gelu_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, table, offset, out, rows_per_task):
     """``linear`` (int output) fused with the ``gelu`` table lookup that consumes it (spec 4.1, 4.5):
     ``out[m, n] = table[p[m, n] + offset]`` with ``p`` as in ``linear_epilogue``; ``out`` (M, N)
-    float32 codes or int64. Returns ``(n_acc, n_out, n_bad)``; ``n_bad`` counts GELU inputs outside
-    the table (those give -1 and are an error for the caller)."""
+    and ``table`` both float32 (codes, exact) or both int64. Returns ``(n_acc, n_out, n_bad)``;
+    ``n_bad`` counts GELU inputs outside the table (an error for the caller; those elements hold
+    the nearest table entry)."""
     M = S.shape[1]
     N = S.shape[2]
     G = table.shape[0]
@@ -261,14 +282,13 @@ def linear_gelu_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narro
         buf = np.empty(N, np.int64)
         for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
             _acc_row(S, m, buf)
-            na, no = _requant_row(buf, 0, N, bias, mult, shift, zp, 0, lo, hi, acc_lo, acc_hi, narrow)
+            na, no = _requant_row(buf, 0, N, cols, zp, 0, acc_lo, acc_hi, narrow)
             nb = np.int64(0)
             for n in range(N):
                 j = buf[n] + offset
-                bad = (j < 0) | (j >= G)
-                nb += np.int64(bad)
-                v = table[np.uint64(min(max(j, 0), G - 1))]
-                out[m, n] = _store_val(out, -1 if bad else v)
+                jj = min(max(j, 0), G - 1)
+                nb += np.int64(jj != j)
+                out[m, n] = table[np.uint64(jj)]
             cnt[tk, 0] += na
             cnt[tk, 1] += no
             cnt[tk, 2] += nb
@@ -277,8 +297,7 @@ def linear_gelu_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narro
 
 
 @njit(cache=True, parallel=True)
-def qkv_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh,
-                 rows_per_task):
+def qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh, rows_per_task):
     """The three ``linear`` ops q, k, v (one GEMM over their concatenated weights, N = 3 D) with
     the attention's head split and zero-point centering fused (spec 4.1, 4.4):
 
@@ -303,8 +322,7 @@ def qkv_epilogue(S, bias, mult, shift, zp, lo, hi, acc_lo, acc_hi, narrow, cente
             t = m - b * T
             _acc_row(S, m, buf)
             for sec in range(3):
-                na, no = _requant_row(buf, sec * D, (sec + 1) * D, bias, mult, shift, zp, 0, lo, hi,
-                                      acc_lo, acc_hi, narrow)
+                na, no = _requant_row(buf, sec * D, (sec + 1) * D, cols, zp, 0, acc_lo, acc_hi, narrow)
                 cnt[tk, 2 * sec] += na
                 cnt[tk, 2 * sec + 1] += no
             for h in range(H):
@@ -469,7 +487,7 @@ def attn_softmax(S, acc_lo, acc_hi, score_mult, score_shift, exp_frac_bits, exp_
 
 
 @njit(cache=True)
-def _attn_output_row(O, g, i, T, part_bits, mult, shift, zp, lo, hi, acc_lo, acc_hi, buf):
+def _attn_output_row(O, g, i, T, part_bits, mult, shift, off, corr, narrow, zp, lo, hi, acc_lo, acc_hi, buf):
     """One output row of ``attn_output`` into ``buf`` (d,). Returns ``(n_acc, n_out)``."""
     d = O.shape[2]
     npart = O.shape[1] // T
@@ -484,19 +502,21 @@ def _attn_output_row(O, g, i, T, part_bits, mult, shift, zp, lo, hi, acc_lo, acc
     no = np.int64(0)
     for r in range(d):
         o = buf[r]
-        na += np.int64(o < acc_lo) + np.int64(o > acc_hi)
-        o = min(max(o, acc_lo), acc_hi)
-        val = rshift_bf(o * mult, shift) + zp
-        no += np.int64(val < lo) + np.int64(val > hi)
-        buf[r] = min(max(val, lo), hi)
+        c = min(max(o, acc_lo), acc_hi)
+        na += np.int64(c != o)
+        val = _rq_scalar(c, mult, off, shift, corr, shift, narrow) + zp
+        y = min(max(val, lo), hi)
+        no += np.int64(y != val)
+        buf[r] = y
     return na, no
 
 
 @njit(cache=True, parallel=True)
-def attn_output(O, part_bits, mult, shift, zp, lo, hi, acc_lo, acc_hi, H, out, rows_per_task):
+def attn_output(O, part_bits, mult, shift, off, corr, narrow, zp, lo, hi, acc_lo, acc_hi, H, out, rows_per_task):
     """Attention output (spec 4.4): ``O[g, s * T + i, r]`` are the exact products of the decode
     digits s with ``v - zp_v``; ``O = sum_s O_s * 2^(s * part_bits)`` in int64, then
-    ``out[b, i, h * d + r] = sat(rq(accsat(O), mult, shift) + zp, lo, hi)`` with g = b * H + h.
+    ``out[b, i, h * d + r] = sat(rq(accsat(O), mult, shift) + zp, lo, hi)`` with g = b * H + h
+    (``off``, ``corr``, ``narrow``: the offset form of ``rq``, see ``_requant_row``).
     ``out`` is (B, T, H * d), float32 codes or int64. Returns ``(n_acc, n_out)``."""
     G = O.shape[0]
     d = O.shape[2]
@@ -511,7 +531,8 @@ def attn_output(O, part_bits, mult, shift, zp, lo, hi, acc_lo, acc_hi, H, out, r
         h = g - b * H
         buf = np.empty(d, np.int64)
         for i in range(i0, min(T, i0 + rows_per_task)):
-            na, no = _attn_output_row(O, g, i, T, part_bits, mult, shift, zp, lo, hi, acc_lo, acc_hi, buf)
+            na, no = _attn_output_row(O, g, i, T, part_bits, mult, shift, off, corr, narrow, zp, lo, hi,
+                                      acc_lo, acc_hi, buf)
             cnt[task, 0] += na
             cnt[task, 1] += no
             c0 = np.uint64(h * d)

@@ -70,6 +70,7 @@ import numpy as np
 from program.format import Program, ProgramError, validate
 
 from . import kernels as K
+from . import swin_ops
 
 #: float32 holds every integer of magnitude <= 2^24; float64 every integer <= 2^53.
 F32_EXACT = 2 ** 24
@@ -311,7 +312,8 @@ class _Gemm:
                 torch.backends.quantized.engine = old
         # self-check: extreme and random inputs against the exact int64 product
         rng = np.random.default_rng(0)
-        xhi = min(255, max(0, self.xrange[1] if self.xrange else 255))
+        # the largest input for which the route is ever chosen (``_i8_ok``): the worst case
+        xhi = min(255, I16_MAX // (2 * max(self.wmax, 1)), F32_EXACT // max(self.l1, 1))
         probe = np.stack([np.full(self.K, xhi), np.zeros(self.K, np.int64),
                           np.where(np.arange(self.K) % 2 == 0, xhi, 0), rng.integers(0, xhi + 1, self.K)])
         probe = np.ascontiguousarray(probe, dtype=np.float32)
@@ -532,6 +534,31 @@ def _softmax_tables(exp_table: np.ndarray, score_mult: int, score_shift: int, E:
     return etab, int(dz), ctab
 
 
+# ---- requantization constants of the kernels' offset form ---------------------------------------
+
+
+def _rq_offsets(shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``off = 2^62 + 2^(n-1)`` (``2^62`` for n = 0) and ``corr = 2^(62-n)`` per shift n in 0..62
+    (``kernels._requant_row``: ``rshift(p, n) = ((p + off) >>> n) - corr`` for ``|p| <= 2^62``);
+    shifts outside 0..62 get zeros (those columns never use the offset form)."""
+    n = np.asarray(shift, np.int64)
+    ok = (n >= 0) & (n <= 62)
+    nn = np.where(ok, n, 0)
+    off = np.where(ok, (np.int64(1) << 62) + np.where(nn >= 1, np.int64(1) << np.maximum(nn - 1, 0), 0), 0)
+    corr = np.where(ok, np.int64(1) << (62 - nn), 0)
+    return off.astype(np.int64), corr.astype(np.int64)
+
+
+def _narrow(acc_lo: int, acc_hi: int, mult: np.ndarray, shift: np.ndarray) -> int:
+    """1 when the offset form of ``rq(a, mult, shift)`` is exact for every accumulator a in
+    ``[acc_lo, acc_hi]``: |a| and |mult| <= 2^31 (so |a * mult| <= 2^62) and shifts in 0..62."""
+    mult = np.asarray(mult, np.int64)
+    shift = np.asarray(shift, np.int64)
+    return int(acc_lo >= -(2 ** 31) and acc_hi < 2 ** 31
+               and (mult.size == 0 or (int(mult.min()) >= -(2 ** 31) and int(mult.max()) < 2 ** 31))
+               and (shift.size == 0 or (int(shift.min()) >= 0 and int(shift.max()) <= 62)))
+
+
 # ---- ops ----------------------------------------------------------------------------------------
 
 
@@ -572,12 +599,13 @@ class _Op:
             self.shift = _i64(t("shift"))
             _check_shifts(name, self.shift)
             self.lo, self.hi = a("lo"), a("hi")
-            # int32 operands of the requantization product (same value, cheaper instruction)
-            self.narrow = int(acc_bits <= 32 and (self.mult.size == 0 or
-                                                  (int(self.mult.min()) >= -(2 ** 31) and int(self.mult.max()) < 2 ** 31)))
             N = self.bias.shape[0]
             self.lo_n = np.full(N, self.lo, np.int64)
             self.hi_n = np.full(N, self.hi, np.int64)
+            off, corr = _rq_offsets(self.shift)
+            # per-column constants of the epilogue kernels (rows kernels.C_*)
+            self.cols = np.ascontiguousarray(np.stack([self.bias, self.mult, self.shift, off, corr, self.lo_n, self.hi_n]))
+            self.narrow = _narrow(self.acc_lo, self.acc_hi, self.mult, self.shift)
             if self.type == "linear":
                 self.add = _i64(t("zp")).reshape(1, -1)
                 fn = self._linear
@@ -621,6 +649,9 @@ class _Op:
                 raise ProgramError(f"op '{name}': exp_table[0] must be positive (it is 2^exp_bits)")
             _check_shifts(name, np.array([self.score_shift, self.shift_, self.recip_frac]))
             self.sorted_thresholds = int(bool(np.all(np.diff(self.thresholds) >= 0)))
+            o_off, o_corr = _rq_offsets(np.array([self.shift_]))
+            self.out_off, self.out_corr = int(o_off[0]), int(o_corr[0])
+            self.out_narrow = _narrow(self.acc_lo, self.acc_hi, np.array([self.mult]), np.array([self.shift_]))
             self.etab, self.dz, self.ctab = _softmax_tables(
                 self.exp_table, self.score_mult, self.score_shift, self.exp_frac_bits, self.thresholds,
                 self.prob_bits, self.acc_hi - self.acc_lo)
@@ -632,12 +663,19 @@ class _Op:
             if self.table.shape[0] != 1 << g:
                 raise ProgramError(f"op '{name}': gelu table has {self.table.shape[0]} entries, expected 2^{g}")
             self.offset = 1 << (g - 1)
+            self.table_f32 = self.table.astype(np.float32) if _f32_storable(self.out_range()) else None
             fn = self._gelu
         elif self.type == "add":
             self.mult, self.shift_ = a("mult"), a("shift")
             self.lo, self.hi = a("lo"), a("hi")
             _check_shifts(name, np.array([self.shift_]))
+            a_off, a_corr = _rq_offsets(np.array([self.shift_]))
+            self.add_off, self.add_corr = int(a_off[0]), int(a_corr[0])
+            sr = self.ranges[1]           # the skip's proven range decides the offset form's exactness
+            self.add_narrow = _narrow(sr[0], sr[1], np.array([self.mult]), np.array([self.shift_])) if sr else 0
             fn = self._add
+        elif self.type in swin_ops.OP_TYPES:      # Swin op types (spec section 9), kernels in swin_ops.py
+            fn = swin_ops.build(self, program, op)
         else:
             raise ProgramError(f"op '{name}': unknown op type {self.type!r}")
         self._fn = fn
@@ -682,8 +720,8 @@ class _Op:
         M = x2.shape[0]
         S = self.gemm(x2)
         y = np.empty((1, M, S.shape[2]), np.int64)
-        na, no = K.linear_epilogue(S, self.bias, self.mult, self.shift, self.add, self.lo_n, self.hi_n,
-                                   self.acc_lo, self.acc_hi, self.narrow, max(M, 1), 0, y, EPI_ROWS_PER_TASK)
+        na, no = K.linear_epilogue(S, self.cols, self.add, self.acc_lo, self.acc_hi, self.narrow, max(M, 1), 0, y,
+                                   EPI_ROWS_PER_TASK)
         return y.reshape(*lead, -1), {"acc": int(na), "out": int(no), "prob": 0}
 
     def patchify(self, img: np.ndarray, dtype: Any) -> tuple[np.ndarray, int]:
@@ -705,8 +743,8 @@ class _Op:
     def patch_embed_into(self, x: np.ndarray, B: int, P: int, y: np.ndarray) -> dict[str, int]:
         """GEMM + epilogue of the patch vectors ``x`` into ``y`` (B, P + 1, N) (int64), class token included."""
         S = self.gemm(x)
-        na, no = K.linear_epilogue(S, self.bias, self.mult, self.shift, self.add, self.lo_n, self.hi_n,
-                                   self.acc_lo, self.acc_hi, self.narrow, P, 1, y, EPI_ROWS_PER_TASK)
+        na, no = K.linear_epilogue(S, self.cols, self.add, self.acc_lo, self.acc_hi, self.narrow, P, 1, y,
+                                   EPI_ROWS_PER_TASK)
         cls = np.clip(self.pos_cls, self.lo, self.hi)
         y[:, 0, :] = cls
         ncls = int(np.count_nonzero(cls != self.pos_cls)) * B
@@ -737,32 +775,40 @@ class _Op:
                                 self.ln_shift, self.zp, self.lo, self.hi, out)
 
     def attention_core(self, qh: np.ndarray, kT: np.ndarray, vh: np.ndarray, route: _AttnRoute,
-                       out: np.ndarray) -> dict[str, int]:
+                       out: np.ndarray, pool: "_Pool | None" = None) -> dict[str, int]:
         """The float route of spec 4.4 on centered head-major operands: ``qh`` (B, H, T, d),
         ``kT`` (B, H, d, T), ``vh`` (B, H, T, d), float32 (exact by the route's proof);
         writes ``out`` (B, T, H * d) (float32 codes or int64)."""
         torch = _torch()
         B, H, T, d = qh.shape
         G = B * H
-        if route.score_dtype == np.float32:
-            S = torch.matmul(torch.from_numpy(qh), torch.from_numpy(kT))
-        else:
-            S = torch.matmul(torch.from_numpy(qh).double(), torch.from_numpy(kT).double())
-        S = S.numpy().reshape(G, T, T)
+        get = pool.get if pool is not None else (lambda shape, dt: np.empty(shape, dt))
         npart = route.parts.shape[1]
-        P = np.empty((G, npart * T, T), route.pv_dtype)
+        if route.score_dtype == np.float32:
+            S = get((G, T, T), np.float32)
+            torch.matmul(torch.from_numpy(qh.reshape(G, T, d)), torch.from_numpy(kT.reshape(G, d, T)),
+                         out=torch.from_numpy(S))
+        else:
+            S = torch.matmul(torch.from_numpy(qh).double(), torch.from_numpy(kT).double()).numpy().reshape(G, T, T)
+        P = get((G, npart * T, T), route.pv_dtype)
         na1, npr = K.attn_softmax(S, self.acc_lo, self.acc_hi, self.score_mult, self.score_shift,
                                   self.exp_frac_bits, self.exp_table, self.etab, self.dz, self.prob_bits,
                                   self.recip_frac, self.thresholds, self.sorted_thresholds, self.ctab,
                                   route.parts, P, SOFTMAX_ROWS_PER_TASK)
-        del S
+        if pool is not None and S.dtype == np.float32:
+            pool.put(S)
         V = torch.from_numpy(vh.reshape(G, T, d))
         if route.pv_dtype == np.float64:
             V = V.double()
-        O = torch.matmul(torch.from_numpy(P), V).numpy()
-        del P
-        na2, no = K.attn_output(O, route.part_bits, self.mult, self.shift_, self.zp, self.lo, self.hi,
-                                self.acc_lo, self.acc_hi, H, out, SOFTMAX_ROWS_PER_TASK)
+        O = get((G, npart * T, d), route.pv_dtype)
+        torch.matmul(torch.from_numpy(P), V, out=torch.from_numpy(O))
+        if pool is not None:
+            pool.put(P)
+        na2, no = K.attn_output(O, route.part_bits, self.mult, self.shift_, self.out_off, self.out_corr,
+                                self.out_narrow, self.zp, self.lo, self.hi, self.acc_lo, self.acc_hi, H, out,
+                                SOFTMAX_ROWS_PER_TASK)
+        if pool is not None:
+            pool.put(O)
         return {"acc": int(na1 + na2), "out": int(no), "prob": int(npr)}
 
     def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
@@ -818,8 +864,36 @@ class _Op:
 # ---- the fused plan -----------------------------------------------------------------------------
 
 
+class _Pool:
+    """Reusable work buffers keyed by (shape, dtype): fresh large allocations page-fault on first
+    touch, which costs as much as the arithmetic of a cheap kernel. Not thread-safe (one run at a
+    time per Engine)."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple, list[np.ndarray]] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        key = (tuple(int(v) for v in shape), np.dtype(dtype).str)
+        lst = self.free.get(key)
+        if lst:
+            return lst.pop()
+        return np.empty(key[0], dtype)
+
+    def put(self, *arrays: np.ndarray) -> None:
+        for a in arrays:
+            base = a if a.base is None else a.base
+            while isinstance(base, np.ndarray) and base.base is not None:
+                base = base.base
+            if isinstance(base, np.ndarray) and base.flags.owndata:
+                self.free.setdefault((base.shape, base.dtype.str), []).append(base)
+
+
 class _Fused:
-    """Fused steps of the ViT graph; see the module docstring. Built once per Engine."""
+    """Fused steps of the ViT graph (module docstring). Built once per Engine.
+
+    Each step reads values from and writes values to ``vals``; values whose last consumer has
+    run go back to the buffer pool, and so do each step's temporaries.
+    """
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -831,9 +905,10 @@ class _Fused:
                 consumers.setdefault(v, []).append((i, pos))
         self.consumers = consumers
         self.f32_values: set[str] = set()      # values stored as float32 codes
-        self.steps: list[tuple[str, Callable[[dict[str, np.ndarray], dict[str, dict[str, int]]], None]]] = []
+        self.steps: list[tuple[list[str], Callable[[dict[str, np.ndarray], dict[str, dict[str, int]]], None]]] = []
         self.describe: list[str] = []
         self.gemms: list[_Gemm] = []          # the GEMMs the steps use (prepared at construction)
+        self.pool = _Pool()
         out_name = prog.output
 
         def only_consumer(v: str, idx: int, pos: int | None = None) -> bool:
@@ -849,15 +924,14 @@ class _Fused:
         n = len(ops)
         while i < n:
             op = ops[i]
-            # q, k, v linears -> attention
             if (op.type == "linear" and i + 3 < n and ops[i + 1].type == "linear" and ops[i + 2].type == "linear"
-                    and ops[i + 3].type == "attention" and self._qkv_fusable(ops[i:i + 4], only_consumer)):
+                    and ops[i + 3].type == "attention" and self._qkv_fusable(ops[i:i + 4], i + 3, only_consumer)):
                 self._add_qkv_attention(ops[i:i + 4], gemm_only)
                 i += 4
                 continue
             if (op.type == "linear" and i + 1 < n and ops[i + 1].type == "add"
                     and only_consumer(op.output, i + 1, 0) and ops[i + 1].inputs[1] != op.output):
-                self._add_linear_add(op, ops[i + 1], gemm_only)
+                self._add_linear_add(op, ops[i + 1])
                 i += 2
                 continue
             if op.type == "linear" and i + 1 < n and ops[i + 1].type == "gelu" and only_consumer(op.output, i + 1, 0):
@@ -871,6 +945,15 @@ class _Fused:
             else:
                 self._add_generic(op, gemm_only)
             i += 1
+        # after each step: the values whose last consumer it is go back to the pool
+        last: dict[str, int] = {}
+        for si, (reads, _) in enumerate(self.steps):
+            for v in reads:
+                last[v] = si
+        self.release_after: list[list[str]] = [[] for _ in self.steps]
+        for v, si in last.items():
+            if v not in (engine.input, out_name):
+                self.release_after[si].append(v)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _store_f32(self, op: _Op, gemm_only: Callable[[str], bool]) -> bool:
@@ -882,9 +965,6 @@ class _Fused:
     @staticmethod
     def _as_i64(x: np.ndarray) -> np.ndarray:
         return x if x.dtype == np.int64 else x.astype(np.int64)
-
-    def _gemm_input(self, x: np.ndarray, K_: int) -> np.ndarray:
-        return x.reshape(-1, K_)
 
     # ---- step builders ----------------------------------------------------------------------
     def _add_generic(self, op: _Op, gemm_only: Callable[[str], bool]) -> None:
@@ -899,84 +979,88 @@ class _Fused:
             y, c = op(*ins)
             vals[op.output] = y.astype(np.float32) if f32 else y
             counts[op.name] = c
-        self.steps.append((op.name, step))
+        self.steps.append((list(op.inputs), step))
         self.describe.append(f"{op.name}: {op.type}" + (f" [{op.gemm.route}]" if hasattr(op, "gemm") else ""))
 
     def _add_patch_embed(self, op: _Op) -> None:
         self.gemms.append(op.gemm)
+        pool = self.pool
+
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             img = vals[op.inputs[0]]
             x, P = op.patchify(img, op.gemm.input_dtype())
             B = img.shape[0]
-            y = np.empty((B, P + 1, op.bias.shape[0]), np.int64)
+            y = pool.get((B, P + 1, op.bias.shape[0]), np.int64)
             counts[op.name] = op.patch_embed_into(x, B, P, y)
             vals[op.output] = y
-        self.steps.append((op.name, step))
+        self.steps.append((list(op.inputs), step))
         self.describe.append(f"{op.name}: patch_embed [{op.gemm.route}]")
 
     def _add_layernorm(self, op: _Op, gemm_only: Callable[[str], bool]) -> None:
         f32 = self._store_f32(op, gemm_only)
+        pool = self.pool
 
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             x = self._as_i64(vals[op.inputs[0]])
             B, T, D = x.shape
             rows = np.ascontiguousarray(x[:, 0, :]) if op.tokens == "first" else x.reshape(B * T, D)
-            y = np.empty(rows.shape, np.float32 if f32 else np.int64)
+            y = pool.get(rows.shape, np.float32 if f32 else np.int64)
             no = op.layernorm_into(rows, y)
             vals[op.output] = y.reshape(B, -1, D)
             counts[op.name] = {"acc": 0, "out": int(no), "prob": 0}
-        self.steps.append((op.name, step))
+        self.steps.append((list(op.inputs), step))
         self.describe.append(f"{op.name}: layernorm -> {'float32' if f32 else 'int64'}")
 
-    def _add_linear_add(self, lin: _Op, add: _Op, gemm_only: Callable[[str], bool]) -> None:
+    def _add_linear_add(self, lin: _Op, add: _Op) -> None:
         self.gemms.append(lin.gemm)
+        pool = self.pool
+
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             x = vals[lin.inputs[0]]
             skip = self._as_i64(vals[add.inputs[1]])
             S = lin.gemm(x.reshape(-1, lin.gemm.K))
             M = S.shape[1]
-            y = np.empty(skip.shape, np.int64)
             if skip.shape[:-1] != x.shape[:-1] or skip.shape[-1] != S.shape[2]:
                 raise ValueError(f"op '{add.name}': a and skip differ in shape")
-            na, no, nd = K.linear_add_epilogue(S, lin.bias, lin.mult, lin.shift, lin.add, lin.lo_n, lin.hi_n,
-                                               lin.acc_lo, lin.acc_hi, lin.narrow, skip.reshape(M, -1), add.mult,
-                                               add.shift_, add.lo, add.hi, y.reshape(M, -1), EPI_ROWS_PER_TASK)
+            y = pool.get(skip.shape, np.int64)
+            na, no, nd = K.linear_add_epilogue(S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow,
+                                               skip.reshape(M, -1), add.mult, add.shift_, add.add_off, add.add_corr,
+                                               add.lo, add.hi, add.add_narrow, y.reshape(M, -1), EPI_ROWS_PER_TASK)
             counts[lin.name] = {"acc": int(na), "out": int(no), "prob": 0}
             counts[add.name] = {"acc": 0, "out": int(nd), "prob": 0}
             vals[add.output] = y
-        self.steps.append((lin.name, step))
+        self.steps.append(([lin.inputs[0], add.inputs[1]], step))
         self.describe.append(f"{lin.name}+{add.name}: linear+add [{lin.gemm.route}]")
 
     def _add_linear_gelu(self, lin: _Op, gelu: _Op, gemm_only: Callable[[str], bool]) -> None:
         self.gemms.append(lin.gemm)
-        f32 = self._store_f32(gelu, gemm_only)
+        f32 = self._store_f32(gelu, gemm_only) and gelu.table_f32 is not None
+        table = gelu.table_f32 if f32 else gelu.table
+        pool = self.pool
 
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             x = vals[lin.inputs[0]]
             S = lin.gemm(x.reshape(-1, lin.gemm.K))
             M, N = S.shape[1], S.shape[2]
-            y = np.empty((M, N), np.float32 if f32 else np.int64)
-            na, no, nb = K.linear_gelu_epilogue(S, lin.bias, lin.mult, lin.shift, lin.add, lin.lo_n, lin.hi_n,
-                                                lin.acc_lo, lin.acc_hi, lin.narrow, gelu.table, gelu.offset, y,
-                                                EPI_ROWS_PER_TASK)
+            y = pool.get((M, N), np.float32 if f32 else np.int64)
+            na, no, nb = K.linear_gelu_epilogue(S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow,
+                                                table, gelu.offset, y, EPI_ROWS_PER_TASK)
             if nb:
                 raise ValueError(f"op '{gelu.name}': {int(nb)} GELU inputs outside the table range "
                                  f"[{-gelu.offset}, {gelu.offset - 1}]")
             counts[lin.name] = {"acc": int(na), "out": int(no), "prob": 0}
             counts[gelu.name] = _zero_counts()
             vals[gelu.output] = y.reshape(*x.shape[:-1], N)
-        self.steps.append((lin.name, step))
+        self.steps.append(([lin.inputs[0]], step))
         self.describe.append(f"{lin.name}+{gelu.name}: linear+gelu [{lin.gemm.route}]")
 
-    def _qkv_fusable(self, four: list[_Op], only_consumer: Callable[..., bool]) -> bool:
+    def _qkv_fusable(self, four: list[_Op], at_index: int, only_consumer: Callable[..., bool]) -> bool:
         lq, lk, lv, at = four
         if not (lq.inputs[0] == lk.inputs[0] == lv.inputs[0]):
             return False
-        if at.inputs != [lq.output, lk.output, lv.output]:
+        if at.inputs != [lq.output, lk.output, lv.output] or len(set(at.inputs)) != 3:
             return False
-        if not all(only_consumer(l_.output, self.engine.ops.index(at), pos) for pos, l_ in enumerate((lq, lk, lv))):
-            return False
-        if len({lq.output, lk.output, lv.output}) != 3:
+        if not all(only_consumer(l_.output, at_index, pos) for pos, l_ in enumerate((lq, lk, lv))):
             return False
         D = lq.bias.shape[0]
         if lk.bias.shape[0] != D or lv.bias.shape[0] != D or D % at.heads or lq.gemm.K != lk.gemm.K or lq.gemm.K != lv.gemm.K:
@@ -991,14 +1075,15 @@ class _Fused:
     def _add_qkv_attention(self, four: list[_Op], gemm_only: Callable[[str], bool]) -> None:
         lq, lk, lv, at = four
         eng = self.engine
+        pool = self.pool
         D = lq.bias.shape[0]
         H = at.heads
         d = D // H
         w = np.concatenate([eng.program.t(lq.name, "w"), eng.program.t(lk.name, "w"), eng.program.t(lv.name, "w")])
         gemm = _Gemm(w, eng.gemm_mode, lq.ranges[0], eng.f32_max_k, name=f"ops '{lq.name}', '{lk.name}', '{lv.name}'")
-        cat = lambda attr: np.ascontiguousarray(np.concatenate([getattr(o, attr).reshape(-1) for o in (lq, lk, lv)]))  # noqa: E731
-        bias, mult, shift, lo_n, hi_n = cat("bias"), cat("mult"), cat("shift"), cat("lo_n"), cat("hi_n")
-        zp = cat("add").reshape(1, -1)
+        self.gemms.append(gemm)
+        cols = np.ascontiguousarray(np.concatenate([lq.cols, lk.cols, lv.cols], axis=1))
+        zp = np.ascontiguousarray(np.concatenate([lq.add, lk.add, lv.add], axis=1))
         center = np.concatenate([np.full(D, at.zp_q), np.full(D, at.zp_k), np.full(D, at.zp_v)]).astype(np.int64)
         acc_lo, acc_hi = lq.acc_lo, lq.acc_hi
         narrow = int(lq.narrow and lk.narrow and lv.narrow)
@@ -1013,15 +1098,14 @@ class _Fused:
             B, T = x.shape[0], x.shape[1]
             route = at.attn_route(T, qr, kr, vr, d)
             S = gemm(x.reshape(-1, gemm.K))
-            qh = np.empty((B, H, T, d), np.float32)
-            kT = np.empty((B, H, d, T), np.float32)
-            vh = np.empty((B, H, T, d), np.float32)
-            c = K.qkv_epilogue(S, bias, mult, shift, zp, lo_n, hi_n, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh,
-                               EPI_ROWS_PER_TASK)
+            qh = pool.get((B, H, T, d), np.float32)
+            kT = pool.get((B, H, d, T), np.float32)
+            vh = pool.get((B, H, T, d), np.float32)
+            c = K.qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh, EPI_ROWS_PER_TASK)
             del S
             for j, l_ in enumerate((lq, lk, lv)):
                 counts[l_.name] = {"acc": int(c[2 * j]), "out": int(c[2 * j + 1]), "prob": 0}
-            y = np.empty((B, T, D), np.float32 if out_f32 else np.int64)
+            y = pool.get((B, T, D), np.float32 if out_f32 else np.int64)
             if route.route == "int":
                 # the int64 kernel on the (uncentered) codes
                 qi = (qh.transpose(0, 2, 1, 3).reshape(B, T, D).astype(np.int64) + at.zp_q)
@@ -1030,23 +1114,31 @@ class _Fused:
                 yi, cc = at.attention_int(qi, ki, vi)
                 y[...] = yi
             else:
-                cc = at.attention_core(qh, kT, vh, route, y)
+                cc = at.attention_core(qh, kT, vh, route, y, pool)
+            pool.put(qh, kT, vh)
             counts[at.name] = cc
             vals[at.output] = y
-        self.steps.append((lq.name, step))
+        self.steps.append(([lq.inputs[0]], step))
         self.describe.append(f"{lq.name}+{lk.name}+{lv.name}+{at.name}: qkv [{gemm.route}] + attention")
-        self.gemms.append(gemm)
 
     # ---- run --------------------------------------------------------------------------------
     def run(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, dict[str, int]]]:
         eng = self.engine
+        if images.shape != getattr(self, "_last_shape", None):
+            self.pool.free.clear()            # keep only the buffers of the current batch shape
+            self._last_shape = images.shape
         vals: dict[str, np.ndarray] = {eng.input: images}
         counts: dict[str, dict[str, int]] = {}
-        for _, step in self.steps:
+        pool = self.pool
+        for (reads, step), rel in zip(self.steps, self.release_after):
             step(vals, counts)
-        out = vals[eng.output]
-        return self._as_i64(out), counts
-
+            for v in rel:
+                pool.put(vals.pop(v))
+        out = np.array(vals.pop(eng.output), dtype=np.int64)      # a copy: never a pooled buffer
+        for v in list(vals):
+            if v != eng.input:
+                pool.put(vals.pop(v))
+        return out, counts
 
 
 class _F32MatmulPrecision:

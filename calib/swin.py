@@ -1,0 +1,541 @@
+"""DopQ-ViT calibration of timm Swin Transformers and their export to an integer program.
+
+The driver mirrors :mod:`calib.pipeline` (same quantizers, searches, budgets and sequential
+fake-quant propagation); the Swin graph (``docs/integer-spec.md`` section 9) differs in
+
+* the stem: ``patchify`` (layout) -> ``linear`` (patch convolution, ``int`` out) -> ``layernorm``
+  (``patch_embed.norm``, ``int`` out = the first residual; it feeds no linear layer, so it has no
+  post-LN quantizer and no reparameterization);
+* the patch merging of every stage but the first: ``patch_merge`` (layout) -> ``layernorm``
+  (MOSF / mean reparameterized into the reduction) -> ``linear`` (reduction, ``int`` out);
+* ``window_attention`` instead of ``attention``: the post-softmax quantizer (TanQ by default) is
+  searched on sampled windows; the relative position bias table is quantized into the integer
+  score domain, ``bias = rnd(table * sqrt(d) * 2^F / (s_q s_k))`` with the largest ``F`` in
+  0..``MAX_SCORE_FRAC`` whose worst-case score fits the accumulator (:func:`quantize_bias`), and
+  the sequential fake-quant forward uses that quantized bias and exact-zero masked probabilities;
+* the head: final ``layernorm`` (all tokens, ``int`` out) -> ``token_pool`` (mean over tokens,
+  ``codes`` out = head input) -> ``linear`` (head). The MOSF reparameterization of the final
+  LayerNorm is calibrated on the pooled features (pooling is per channel, so the reparameterized
+  pool equals the pool of the reparameterized LayerNorm).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from program import quantizers as Q
+from program.format import FORMAT, VERSION, Program, validate
+from program.quantizers import SoftmaxQuantizer
+from reference import swin as S
+from reference.vit import BlockParams, fake_quant_uniform, layer_norm
+
+from . import softmax_search
+from .config import CalibConfig
+from .export import _Builder, check_bounds, check_settings
+from .fixedpoint import ExportError
+from .observers import BlockObserver, Budget, point_rng
+from .pipeline import CHUNK, _check_images, _linear, _np, _t32, calibrate_ln
+from .state import BlockCalib, LinearCalib, LNCalib
+from .uniform import PERCENTILES, SHRINK, ActQuant, absmax_scale, search_activation
+
+#: Largest number of fractional bits of the integer window-attention scores (bias resolution).
+MAX_SCORE_FRAC = 8
+#: Windows kept per sampled image for the post-softmax search.
+SOFTMAX_WINDOWS = 8
+
+
+# ---- calibration results ---------------------------------------------------------------------
+
+@dataclass
+class SwinBlockCalib:
+    base: BlockCalib
+    heads: int
+    window: int
+    shift: int
+    grid: tuple[int, int]
+    score_frac: int
+    bias: np.ndarray          # (H, (2ws-1)^2) int64, the integer score bias table
+
+
+@dataclass
+class MergeCalib:
+    norm: LNCalib
+    reduction: LinearCalib
+    res: float                # scale of the reduction output (the stage's first residual)
+    grid: tuple[int, int]     # grid before merging
+
+
+@dataclass
+class SwinCalib:
+    img_size: int
+    patch_size: int
+    eps: float
+    patch: LinearCalib
+    patch_scale: float        # scale of the patch convolution output (int)
+    pnorm: LNCalib            # patch_embed.norm (act / reparam unused)
+    res0: float
+    merges: list[MergeCalib | None]
+    stages: list[list[SwinBlockCalib]]
+    dims: list[int]
+    grids: list[tuple[int, int]]
+    norm: LNCalib             # final LayerNorm, reparameterized on the pooled features; act = pooled quantizer
+    norm_scale: float         # scale of the final LayerNorm output (int)
+    head: LinearCalib
+    logit_scale: float
+    mlp_hidden: list[int]
+
+
+# ---- the relative position bias in the integer score domain ------------------------------------
+
+def quantize_bias(table: np.ndarray, s_q: float, s_k: float, zp_q: int, zp_k: int, abits: int, d: int,
+                  acc_bits: int) -> tuple[int, np.ndarray]:
+    """(F, bias (H, R) int64) for a float table (R, H) (timm's layout).
+
+    The integer score is ``2^F * sum (q - zq)(k - zk) + bias`` in units of ``s_q s_k 2^-F / sqrt(d)``.
+    F is the largest value in 0..MAX_SCORE_FRAC with ``2^F d qmax kmax + max|bias| <= 2^(A-1) - 1``
+    (qmax, kmax the largest centered codes), so the scores cannot saturate; at F = 0 it is only
+    required that ``|bias| < 2^(A-1)``.
+    """
+    n = (1 << abits) - 1
+    qmax, kmax = max(zp_q, n - zp_q), max(zp_k, n - zp_k)
+    lim = (1 << (acc_bits - 1)) - 1
+    t = np.asarray(table, np.float64).T
+    for F in range(MAX_SCORE_FRAC, -1, -1):
+        bias = Q.rnd(t * math.sqrt(d) * 2.0 ** F / (s_q * s_k))
+        if not np.all(np.isfinite(bias)):
+            continue
+        big = int(np.abs(bias).max(initial=0))
+        if (1 << F) * d * qmax * kmax + big <= lim:
+            return F, bias.astype(np.int64)
+    if big > lim:
+        raise ExportError(f"relative position bias {big} does not fit the {acc_bits}-bit accumulator")
+    return 0, bias.astype(np.int64)
+
+
+def dequant_bias(sb: S.SwinBlockParams, bias: np.ndarray, F: int, s_q: float, s_k: float, d: int) -> torch.Tensor:
+    """(H, n, n) float32 bias of the integer table, for the fake-quant forward."""
+    unit = s_q * s_k * 2.0 ** -F / math.sqrt(d)
+    n = sb.window * sb.window
+    t = torch.from_numpy(bias.astype(np.float64) * unit)
+    return t[:, sb.rel_index.reshape(-1)].reshape(-1, n, n).to(torch.float32)
+
+
+# ---- observers ------------------------------------------------------------------------------
+
+class WindowObserver(BlockObserver):
+    """:class:`calib.observers.BlockObserver` for a Swin block: the post-softmax sample is taken from
+    ``SOFTMAX_WINDOWS`` windows (seeded) of the sampled images, ``softmax_rows`` query rows each;
+    the probabilities arrive as (B, nW, H, n, n) and v is windowed through the block's token table."""
+
+    def __init__(self, prefix: str, n_images: int, sb: S.SwinBlockParams, seed: int, budget: Budget | None = None):
+        nW, n = sb.tokens.shape
+        super().__init__(0, n_images, n, sb.heads, seed, budget)
+        self.prefix = prefix
+        self.tokens = sb.tokens
+        self._rngs = {}
+        r = point_rng(seed, f"{prefix}.attn.probs")
+        k = min(n_images, self.budget.softmax_images)
+        self.sm_images = np.sort(r.choice(n_images, size=k, replace=False))
+        self.sm_windows = np.sort(r.choice(nW, size=min(nW, SOFTMAX_WINDOWS), replace=False))
+        self.sm_rows = np.sort(r.choice(n, size=min(n, self.budget.softmax_rows), replace=False))
+
+    def hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name != f"{self.prefix}.attn.probs":
+            return super().hook(name, x)
+        off, size = self._chunk
+        local = [i - off for i in self.sm_images if off <= i < off + size]
+        if local:
+            li = torch.tensor(local)
+            wi = torch.from_numpy(self.sm_windows)
+            B, nW, H, n, _ = x.shape
+            self.probs.append(x[li][:, wi][:, :, :, torch.from_numpy(self.sm_rows)].reshape(-1, H, len(self.sm_rows), n)
+                              .clone())
+            v = self._v_chunk
+            D = v.shape[-1]
+            vw = v[:, self.tokens.reshape(-1)].reshape(v.shape[0], nW, n, H, D // H).permute(0, 1, 3, 2, 4)
+            self.v.append(vw[li][:, wi].reshape(-1, H, n, D // H).clone())
+        return x
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+def _acts_hook(acts: dict[str, ActQuant], probs_name: str, sq: SoftmaxQuantizer | None):
+    def hook(name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == probs_name:
+            return sq.quantize_torch(x)
+        a = acts.get(name)
+        return x if a is None else fake_quant_uniform(x, a.scale, a.zero_point, a.bits)
+    return hook
+
+
+def calibrate_block(sb: S.SwinBlockParams, r: torch.Tensor, pre: str, grid: tuple[int, int], eps: float,
+                    config: CalibConfig, settings: dict[str, int], budget: Budget) -> tuple[SwinBlockCalib, torch.Tensor]:
+    """Calibrate one Swin block from its input ``r`` (N, T, C); returns it and its float output."""
+    N = r.shape[0]
+    wb, ab, seed, rule = settings["wbits"], settings["abits"], config.seed, config.ln_rule
+    bp = sb.p
+    obs = WindowObserver(pre, N, sb, seed, budget)
+    outs = []
+    for s in range(0, N, CHUNK):
+        obs.start_chunk(s, min(CHUNK, N - s))
+        outs.append(S.block_forward(sb, r[s:s + CHUNK], pre, eps, obs.hook, obs.tap))
+    out = torch.cat(outs)
+    norm1, (q, k, v) = calibrate_ln(f"{pre}.norm1", obs.rows_of(f"{pre}.norm1"), bp.norm1_w, bp.norm1_b,
+                                    [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)], ab, rule, seed, budget)
+    probs, vh = obs.attention()
+    norm2, (fc1,) = calibrate_ln(f"{pre}.norm2", obs.rows_of(f"{pre}.norm2"), bp.norm2_w, bp.norm2_b,
+                                 [(bp.fc1_w, bp.fc1_b)], ab, rule, seed, budget)
+    q_act = search_activation(obs.sample_of(f"{pre}.attn.q"), ab)
+    k_act = search_activation(obs.sample_of(f"{pre}.attn.k"), ab)
+    bc = BlockCalib(
+        norm1=norm1,
+        q=_linear(*q, wb), k=_linear(*k, wb), v=_linear(*v, wb),
+        q_act=q_act, k_act=k_act, v_act=search_activation(obs.sample_of(f"{pre}.attn.v"), ab),
+        softmax=softmax_search.search(config.softmax_quant, ab, probs, vh, settings["prob_bits"]),
+        core=search_activation(obs.sample_of(f"{pre}.attn.core"), ab),
+        proj=_linear(bp.proj_w, bp.proj_b, wb),
+        res1=absmax_scale(obs.absmax[f"{pre}.add1"], settings["residual_bits"]),
+        norm2=norm2,
+        fc1=_linear(*fc1, wb),
+        fc1_scale=absmax_scale(obs.absmax[f"{pre}.mlp.fc1"], settings["gelu_bits"]),
+        gelu=search_activation(obs.sample_of(f"{pre}.mlp.gelu"), ab),
+        fc2=_linear(bp.fc2_w, bp.fc2_b, wb),
+        res2=absmax_scale(obs.absmax[f"{pre}.add2"], settings["residual_bits"]),
+    )
+    d = bp.q_w.shape[0] // sb.heads
+    F, bias = quantize_bias(sb.rpb_table.double().numpy(), q_act.scale, k_act.scale, q_act.zero_point,
+                            k_act.zero_point, ab, d, settings["acc_bits"])
+    return SwinBlockCalib(base=bc, heads=sb.heads, window=sb.window, shift=sb.shift, grid=grid, score_frac=F,
+                          bias=bias), out
+
+
+def quantized_block_forward(sc: SwinBlockCalib, sb: S.SwinBlockParams, r: torch.Tensor, pre: str,
+                            eps: float) -> torch.Tensor:
+    """Fake-quant forward of a calibrated Swin block (the semantics of ``reference.swin.FakeQuantSwin``)."""
+    bc = sc.base
+    p = BlockParams(
+        norm1_w=_t32(bc.norm1.gamma), norm1_b=_t32(bc.norm1.beta),
+        q_w=_t32(bc.q.weight.dequant()), q_b=_t32(bc.q.bias), k_w=_t32(bc.k.weight.dequant()), k_b=_t32(bc.k.bias),
+        v_w=_t32(bc.v.weight.dequant()), v_b=_t32(bc.v.bias),
+        proj_w=_t32(bc.proj.weight.dequant()), proj_b=_t32(bc.proj.bias),
+        norm2_w=_t32(bc.norm2.gamma), norm2_b=_t32(bc.norm2.beta),
+        fc1_w=_t32(bc.fc1.weight.dequant()), fc1_b=_t32(bc.fc1.bias),
+        fc2_w=_t32(bc.fc2.weight.dequant()), fc2_b=_t32(bc.fc2.bias))
+    qsb = replace(sb, p=p)
+    d = p.q_w.shape[0] // sb.heads
+    bias = dequant_bias(sb, sc.bias, sc.score_frac, bc.q_act.scale, bc.k_act.scale, d)
+    acts = {f"{pre}.norm1": bc.norm1.act, f"{pre}.attn.q": bc.q_act, f"{pre}.attn.k": bc.k_act,
+            f"{pre}.attn.v": bc.v_act, f"{pre}.attn.core": bc.core, f"{pre}.norm2": bc.norm2.act,
+            f"{pre}.mlp.gelu": bc.gelu}
+    hook = _acts_hook(acts, f"{pre}.attn.probs", bc.softmax)
+    return torch.cat([S.block_forward(qsb, r[s:s + CHUNK], pre, eps, hook, bias=bias, mask_value=float("-inf"))
+                      for s in range(0, r.shape[0], CHUNK)])
+
+
+def _sample_rows(chunks: list[torch.Tensor], total: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """About ``k`` random rows (M, D) float64 from row chunks holding ``total`` rows in all."""
+    out = []
+    for c in chunks:
+        flat = c.reshape(-1, c.shape[-1])
+        m = min(flat.shape[0], int(math.ceil(k * flat.shape[0] / total)))
+        idx = np.sort(rng.choice(flat.shape[0], size=m, replace=False))
+        out.append(flat[torch.from_numpy(idx)].double().numpy())
+    return np.concatenate(out)
+
+
+def calibrate_merge(mp: S.MergeParams, r: torch.Tensor, pre: str, grid: tuple[int, int], eps: float,
+                    config: CalibConfig, settings: dict[str, int], budget: Budget,
+                    sequential: bool) -> tuple[MergeCalib, torch.Tensor]:
+    """Patch merging: MOSF / mean on the merge LayerNorm output into the reduction; returns the next residual."""
+    wb, ab = settings["wbits"], settings["abits"]
+    N = r.shape[0]
+    ys, absmax = [], 0.0
+    for s in range(0, N, CHUNK):
+        y = layer_norm(S.merge_tokens(r[s:s + CHUNK], mp.src), mp.norm_w, mp.norm_b, eps)
+        ys.append(y)
+        o = torch.nn.functional.linear(y, mp.red_w, mp.red_b)
+        absmax = max(absmax, float(o.abs().max()))
+    total = sum(y.shape[0] * y.shape[1] for y in ys)
+    rows = _sample_rows(ys, total, budget.rows, point_rng(config.seed, f"{pre}.norm"))
+    norm, ((W, b),) = calibrate_ln(f"{pre}.norm", rows, mp.norm_w, mp.norm_b, [(mp.red_w, mp.red_b)], ab,
+                                   config.ln_rule, config.seed, budget)
+    red = _linear(W, b, wb)
+    mc = MergeCalib(norm=norm, reduction=red, res=absmax_scale(absmax, settings["residual_bits"]), grid=grid)
+    if not sequential:
+        return mc, torch.cat([torch.nn.functional.linear(y, mp.red_w, mp.red_b) for y in ys])
+    g, be, a = _t32(norm.gamma), _t32(norm.beta), norm.act
+    Wq, bq = _t32(red.weight.dequant()), _t32(red.bias)
+    outs = []
+    for s in range(0, N, CHUNK):
+        y = layer_norm(S.merge_tokens(r[s:s + CHUNK], mp.src), g, be, eps)
+        outs.append(torch.nn.functional.linear(fake_quant_uniform(y, a.scale, a.zero_point, a.bits), Wq, bq))
+    return mc, torch.cat(outs)
+
+
+def calibrate_params(params: S.SwinParams, images: np.ndarray, config: CalibConfig, settings: dict[str, int],
+                     progress: bool = True, budget: Budget | None = None) -> SwinCalib:
+    budget = budget or Budget()
+    N = images.shape[0]
+    wb, ab, R = settings["wbits"], settings["abits"], settings["residual_bits"]
+    D0 = params.embed_dim
+    patch = _linear(params.patch_w.reshape(D0, -1), params.patch_b, wb)
+    ep = params
+    if config.sequential:
+        ep = replace(params, patch_w=_t32(patch.weight.dequant()).reshape(params.patch_w.shape))
+    absmax = {"patch_embed.proj": 0.0}
+
+    def tap(name, x):
+        if name == "patch_embed.proj":
+            absmax[name] = max(absmax[name], float(x.abs().max()))
+
+    r = torch.cat([S.embed(ep, images[s:s + CHUNK], tap) for s in range(0, N, CHUNK)])
+    pnorm = LNCalib(gamma=_np(params.pnorm_w), beta=_np(params.pnorm_b), act=None, reparam=None)
+    patch_scale = absmax_scale(absmax["patch_embed.proj"], R)
+    res0 = absmax_scale(float(r.abs().max()), R)
+    merges, stages = [], []
+    nblocks = sum(len(st.blocks) for st in params.stages) + sum(st.merge is not None for st in params.stages)
+    bar = tqdm(total=nblocks, desc="calibrating", unit="block", disable=not progress, leave=False)
+    grid = params.grid0
+    for s, st in enumerate(params.stages):
+        mc = None
+        if st.merge is not None:
+            mc, r = calibrate_merge(st.merge, r, f"layers.{s}.downsample", grid, params.eps, config, settings, budget,
+                                    config.sequential)
+            bar.update(1)
+        merges.append(mc)
+        grid = st.grid
+        blocks = []
+        for j, sb in enumerate(st.blocks):
+            pre = f"layers.{s}.blocks.{j}"
+            sc, out = calibrate_block(sb, r, pre, grid, params.eps, config, settings, budget)
+            r = quantized_block_forward(sc, sb, r, pre, params.eps) if config.sequential else out
+            blocks.append(sc)
+            bar.update(1)
+        stages.append(blocks)
+    bar.close()
+    # head: final LayerNorm (all tokens), average pool, classifier
+    pooled, logits, lnmax = [], [], 0.0
+    for s in range(0, N, CHUNK):
+        y = layer_norm(r[s:s + CHUNK], params.norm_w, params.norm_b, params.eps)
+        pooled.append(y.mean(dim=1))
+    pooled = torch.cat(pooled)
+    logits = torch.nn.functional.linear(pooled, params.head_w, params.head_b)
+    norm, ((hw, hb),) = calibrate_ln("head.pool", _np(pooled), params.norm_w, params.norm_b,
+                                     [(params.head_w, params.head_b)], ab, config.ln_rule, config.seed, budget)
+    g2, b2 = _t32(norm.gamma), _t32(norm.beta)
+    for s in range(0, N, CHUNK):
+        lnmax = max(lnmax, float(layer_norm(r[s:s + CHUNK], g2, b2, params.eps).abs().max()))
+    return SwinCalib(
+        img_size=params.img_size, patch_size=params.patch_size, eps=params.eps, patch=patch, patch_scale=patch_scale,
+        pnorm=pnorm, res0=res0, merges=merges, stages=stages, dims=[st.dim for st in params.stages],
+        grids=[st.grid for st in params.stages], norm=norm, norm_scale=absmax_scale(lnmax, R),
+        head=_linear(hw, hb, wb), logit_scale=absmax_scale(float(logits.abs().max()), settings["logit_bits"]),
+        mlp_hidden=[int(st.blocks[0].p.fc1_w.shape[0]) if st.blocks else 4 * st.dim for st in params.stages])
+
+
+def calibrate(model, images, mean, std, config: CalibConfig | None = None, provenance: dict | None = None,
+              progress: bool = True) -> Program:
+    """Post-training quantization (DopQ-ViT) of a timm ``SwinTransformer`` into an integer program
+    (the Swin counterpart of :func:`calib.pipeline.calibrate`, with the same arguments)."""
+    config = config or CalibConfig()
+    settings = config.resolved_settings()
+    model.eval()
+    with torch.no_grad():
+        params = S.params_from_timm(model, mean, std)
+        imgs = _check_images(images, params.img_size)
+        budget = Budget()
+        sc = calibrate_params(params, imgs, config, settings, progress, budget)
+    prov = dict(provenance or {})
+    prov["calibration"] = {
+        **config.to_dict(),
+        "method": "DopQ-ViT (TanQ + MOSF), calibration only" if (config.softmax_quant, config.ln_rule) == ("tanq", "mosf")
+        else "DopQ-ViT pipeline, ablation",
+        "num_images": int(imgs.shape[0]),
+        "images_sha256": hashlib.sha256(imgs.tobytes()).hexdigest(),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "activation_percentiles": list(PERCENTILES),
+        "weight_shrink": list(SHRINK),
+        "sample_budget": {"rows": budget.rows, "elements": budget.elements,
+                          "softmax_images": budget.softmax_images, "softmax_rows": budget.softmax_rows,
+                          "softmax_windows": SOFTMAX_WINDOWS},
+        "max_score_frac": MAX_SCORE_FRAC,
+    }
+    return build_program(sc, settings, prov)
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+def _window_attention(b: _Builder, name: str, q: str, k: str, v: str, sc: SwinBlockCalib) -> None:
+    """Spec 9.3: the attention constants of 4.4 plus the window tables and the integer bias."""
+    s = b.s
+    E, X, P, G, L = s["exp_frac_bits"], s["exp_bits"], s["prob_bits"], s["recip_frac"], s["decode_bits"]
+    sq = sc.base.softmax
+    if sq.bits != s["abits"]:
+        raise ExportError(f"{name}: post-softmax quantizer has {sq.bits} bits, abits is {s['abits']}")
+    D = b.values[q]["shape"][-1]
+    H = sc.heads
+    d = D // H
+    F = sc.score_frac
+    m_s, n_s = b.mult_shift(f"{name} score rescale",
+                            b.sc(q) * b.sc(k) * 2.0 ** -F / math.sqrt(d) * 2.0 ** E / math.log(2.0))
+    m_o, n_o = b.mult_shift(f"{name} output rescale", b.sc(v) * 2.0 ** -L / b.sc(name))
+    j = np.arange(1 << E, dtype=np.float64)
+    exp_table = Q.rnd(np.exp2(X - j / 2.0 ** E)).astype(np.int64)
+    lo, hi = b.out_range(name)
+    Hg, Wg = sc.grid
+    ws, sh = sc.window, sc.shift
+    attrs = {"heads": int(H), "window": int(ws), "cyclic_shift": int(sh), "grid": [int(Hg), int(Wg)],
+             "score_frac": int(F), "zp_q": b.zp(q), "zp_k": b.zp(k), "zp_v": b.zp(v),
+             "score_mult": m_s, "score_shift": n_s, "exp_frac_bits": E, "exp_bits": X, "prob_bits": P,
+             "recip_frac": G, "decode_bits": L, "mult": m_o, "shift": n_o, "zp": b.zp(name),
+             "lo": lo, "hi": hi, "softmax_quant": sq.to_dict()}
+    b.op(name, "window_attention", [q, k, v], attrs,
+         {"exp_table": exp_table, "thresholds": Q.thresholds(sq, P), "decode": Q.decode_table(sq, L),
+          "levels": sq.levels(),
+          "tokens": S.window_tokens(Hg, Wg, ws, sh).astype(np.int32),
+          "bias_table": sc.bias.astype(np.int64),
+          "rel_index": S.relative_index(ws).astype(np.int32),
+          "mask": S.shift_mask(Hg, Wg, ws, sh).astype(np.int8)})
+
+
+def build_program(mc: SwinCalib, settings: dict[str, int], provenance: dict[str, Any]) -> Program:
+    """The integer program of a calibrated Swin model (validated; bounds asserted)."""
+    check_settings(settings)
+    s = settings
+    R, g = s["residual_bits"], s["gelu_bits"]
+    b = _Builder(s)
+    Hi = mc.img_size
+    p = mc.patch_size
+    Hg, Wg = Hi // p, Hi // p
+    P = Hg * Wg
+    D0 = mc.patch.weight.w.shape[0]
+    C = mc.head.weight.w.shape[0]
+
+    b.value("image", "image", 8, [3, Hi, Hi], 1.0, 0)
+    b.value("patch_embed.patchify", "codes", 8, [P, 3 * p * p], 1.0, 0)
+    b.op("patch_embed.patchify", "patchify", ["image"], {"patch": int(p)}, {})
+    b.value("patch_embed.proj", "int", R, [P, D0], mc.patch_scale)
+    b.linear("patch_embed.proj", "patch_embed.patchify", mc.patch)
+    b.value("patch_embed.norm", "int", R, [P, D0], mc.res0)
+    b.layernorm("patch_embed.norm", "patch_embed.proj", mc.pnorm, "all")
+    r = "patch_embed.norm"
+    grid = (Hg, Wg)
+    for si, blocks in enumerate(mc.stages):
+        mg = mc.merges[si]
+        D = mc.dims[si]
+        if mg is not None:
+            pre = f"layers.{si}.downsample"
+            Cin = b.values[r]["shape"][-1]
+            T2 = (grid[0] // 2) * (grid[1] // 2)
+            b.value(f"{pre}.merge", "int", b.values[r]["bits"], [T2, 4 * Cin], b.sc(r))
+            b.op(f"{pre}.merge", "patch_merge", [r], {"grid": [int(grid[0]), int(grid[1])]},
+                 {"src": S.merge_sources(*grid).astype(np.int32)})
+            b.codes(f"{pre}.norm", [T2, 4 * Cin], mg.norm.act)
+            b.layernorm(f"{pre}.norm", f"{pre}.merge", mg.norm, "all")
+            b.value(f"{pre}.reduction", "int", R, [T2, D], mg.res)
+            b.linear(f"{pre}.reduction", f"{pre}.norm", mg.reduction)
+            r = f"{pre}.reduction"
+        grid = mc.grids[si]
+        T = grid[0] * grid[1]
+        hidden = mc.mlp_hidden[si]
+        for j, sc in enumerate(blocks):
+            bc = sc.base
+            pre = f"layers.{si}.blocks.{j}"
+            A = bc.q.weight.w.shape[0]
+            n1, q, k, v = f"{pre}.norm1", f"{pre}.attn.q", f"{pre}.attn.k", f"{pre}.attn.v"
+            core, proj, add1 = f"{pre}.attn.core", f"{pre}.attn.proj", f"{pre}.add1"
+            n2, fc1, ge, fc2, add2 = f"{pre}.norm2", f"{pre}.mlp.fc1", f"{pre}.mlp.gelu", f"{pre}.mlp.fc2", f"{pre}.add2"
+            b.codes(n1, [T, D], bc.norm1.act)
+            b.layernorm(n1, r, bc.norm1, "all")
+            for name, lin, act in ((q, bc.q, bc.q_act), (k, bc.k, bc.k_act), (v, bc.v, bc.v_act)):
+                b.codes(name, [T, A], act)
+                b.linear(name, n1, lin)
+            b.codes(core, [T, A], bc.core)
+            _window_attention(b, core, q, k, v, sc)
+            b.value(proj, "int", R, [T, D], bc.res1)
+            b.linear(proj, core, bc.proj)
+            b.value(add1, "int", R, [T, D], bc.res1)
+            b.add(add1, proj, r)
+            b.codes(n2, [T, D], bc.norm2.act)
+            b.layernorm(n2, add1, bc.norm2, "all")
+            b.value(fc1, "int", g, [T, hidden], bc.fc1_scale)
+            b.linear(fc1, n2, bc.fc1)
+            b.codes(ge, [T, hidden], bc.gelu)
+            b.gelu(ge, fc1)
+            b.value(fc2, "int", R, [T, D], bc.res2)
+            b.linear(fc2, ge, bc.fc2)
+            b.value(add2, "int", R, [T, D], bc.res2)
+            b.add(add2, fc2, add1)
+            r = add2
+
+    T = grid[0] * grid[1]
+    D = b.values[r]["shape"][-1]
+    b.value("norm", "int", R, [T, D], mc.norm_scale)
+    b.layernorm("norm", r, mc.norm, "all")
+    b.codes("head.pool", [1, D], mc.norm.act)
+    m, n = b.mult_shift("head.pool", b.sc("norm") / (T * b.sc("head.pool")))
+    lo, hi = b.out_range("head.pool")
+    b.op("head.pool", "token_pool", ["norm"], {"mult": m, "shift": n, "zp": b.zp("head.pool"), "lo": lo, "hi": hi}, {})
+    b.value("head", "int", s["logit_bits"], [1, C], mc.logit_scale)
+    b.linear("head", "head.pool", mc.head)
+
+    depths = [len(bl) for bl in mc.stages]
+    heads = [bl[0].heads if bl else 0 for bl in mc.stages]
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {"arch": "swin", "img_size": int(Hi), "patch_size": int(p), "embed_dim": int(D0),
+                  "depths": depths, "depth": int(sum(depths)), "num_heads": heads,
+                  "window_size": [bl[0].window if bl else 0 for bl in mc.stages],
+                  "dims": [int(x) for x in mc.dims], "grids": [[int(a), int(c)] for a, c in mc.grids],
+                  "num_classes": int(C), "num_tokens": int(T), "mlp_hidden": [int(h) for h in mc.mlp_hidden],
+                  "ln_eps": float(mc.eps)},
+        "settings": dict(sorted(s.items())),
+        "provenance": provenance,
+        "inputs": ["image"],
+        "output": "head",
+        "values": b.values,
+        "ops": b.ops,
+    }
+    prog = Program(header, b.tensors)
+    validate(prog, where="exported program")
+    check_bounds(prog)
+    check_bounds_swin(prog)
+    return prog
+
+
+def check_bounds_swin(prog: Program) -> None:
+    """Bounds of section 9 on the constants of the Swin op types (raises ``ExportError``)."""
+    s = prog.settings
+    B, A = s["mult_bits"], s["acc_bits"]
+
+    def ms(where: str, m: int, n: int) -> None:
+        if not 0 <= m <= (1 << (B - 1)) - 1 or not 0 <= n <= 62:
+            raise ExportError(f"{where}: multiplier or shift out of range")
+
+    for op in prog.ops:
+        name, typ, a = op["name"], op["type"], op["attrs"]
+        if typ == "window_attention":
+            ms(name, a["score_mult"], a["score_shift"])
+            ms(name, a["mult"], a["shift"])
+            if a["exp_bits"] > 30 or a["prob_bits"] + a["recip_frac"] > 48 or a["exp_frac_bits"] > 12:
+                raise ExportError(f"{name}: softmax widths out of bounds")
+            if not 0 <= a["score_frac"] <= 30:
+                raise ExportError(f"{name}: score_frac outside 0..30")
+            if np.abs(prog.t(op, "bias_table")).max(initial=0) >= 1 << (A - 1):
+                raise ExportError(f"{name}: |bias_table| >= 2^{A - 1}")
+            tok = prog.t(op, "tokens").ravel()
+            if not np.array_equal(np.sort(tok), np.arange(tok.size)):
+                raise ExportError(f"{name}: the token table is not a permutation")
+            mask = prog.t(op, "mask")
+            if mask.size and np.any(np.diagonal(mask, axis1=1, axis2=2) != 0):
+                raise ExportError(f"{name}: a query is masked from itself")
+        elif typ == "token_pool":
+            ms(name, a["mult"], a["shift"])

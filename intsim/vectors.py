@@ -1,0 +1,653 @@
+"""``intsim vectors``: test vectors of one op of a program, for hardware testbenches.
+
+For one op (``linear``, ``attention``, ``layernorm``, ``gelu``, ``add`` or ``patch_embed``) and K
+images, the golden model (``reference/golden.py``) is run up to that op, and the op is then
+evaluated once more step by step in the golden style, keeping every intermediate of
+``docs/integer-spec.md`` section 4: for a linear op the input codes, the weights, bias and
+requantization constants, the accumulator ``bias + x @ w^T`` before and after ``accsat``, the
+requantized value and the output codes; for attention the scores, the integer softmax
+(exponent, exp values, row sums, reciprocals, probabilities), the post-softmax codes, the decoded
+product and the output, with the exp / threshold / decode tables; and so on. Each intermediate
+is checked against the golden op's own output before anything is written.
+
+The folder written (``-o DIR``):
+
+* ``vectors.npz``: every array as int64 (scalars as 0-d arrays), keyed by the names below;
+* ``<name>.hex``: one value per line, row-major (C order) over the array's shape, lowercase
+  hexadecimal, two's complement at the array's declared bit width, ``ceil(bits / 4)`` digits
+  with leading zeros (so -3 at 12 bits is ``ffd``; an unsigned array holds its value as is);
+* ``manifest.json``: the op, its attributes, the golden saturation counts, the images used and,
+  per array, shape, bits, signedness, group and meaning (what :func:`check_vectors` reads);
+* ``FORMAT.md``: the same description for people.
+
+:func:`check_vectors` re-runs the op with the engine (``intsim.engine.run_op``) on the stored
+inputs and compares output and saturation counts with the stored ones; it also checks that the
+stored constants are the program's and that every hex file parses back to its npz array.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+SUPPORTED = ("linear", "patch_embed", "layernorm", "attention", "gelu", "add")
+NPZ = "vectors.npz"
+MANIFEST = "manifest.json"
+FORMAT_MD = "FORMAT.md"
+SHIFT_BITS = 6          # a shift 0..62 (as in intsim/cost.py)
+CONFIG_BITS = 8         # small configuration integers (heads, patch, fraction bits...)
+WIDE = 64               # exact int64 intermediates
+
+#: inputs of each op type, by role (in the op's input order)
+ROLES = {"linear": ("x",), "patch_embed": ("image",), "layernorm": ("x",), "attention": ("q", "k", "v"),
+         "gelu": ("x",), "add": ("a", "skip")}
+
+
+@dataclass
+class Array:
+    """One stored array: int64 values, declared width and signedness, group and meaning."""
+
+    name: str
+    value: np.ndarray
+    bits: int
+    signed: bool
+    group: str             # input | param | table | attr | intermediate | output
+    desc: str
+    note: str = ""
+
+    def meta(self) -> dict[str, Any]:
+        d = {"shape": list(self.value.shape), "dtype": "int64", "bits": self.bits, "signed": self.signed,
+             "group": self.group, "desc": self.desc, "file": f"{self.name}.hex", "digits": hex_digits(self.bits)}
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+@dataclass
+class Vectors:
+    op: dict[str, Any]
+    arrays: list[Array] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, value: Any, bits: int, signed: bool, group: str, desc: str) -> None:
+        v = np.array(value, dtype=np.int64, order="C")    # (0-d stays 0-d)
+        bits, note = _fit(v, int(bits), signed)
+        assert name not in {a.name for a in self.arrays}, name
+        self.arrays.append(Array(name, v, bits, signed, group, desc, note))
+
+    def get(self, name: str) -> np.ndarray:
+        for a in self.arrays:
+            if a.name == name:
+                return a.value
+        raise KeyError(name)
+
+
+# ---- hex ------------------------------------------------------------------------------------
+
+def hex_digits(bits: int) -> int:
+    return (int(bits) + 3) // 4
+
+
+def _range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _fit(v: np.ndarray, bits: int, signed: bool) -> tuple[int, str]:
+    """The declared width, widened (with a note) when a value does not fit it."""
+    if v.size == 0:
+        return bits, ""
+    lo, hi = int(v.min()), int(v.max())
+    if not signed and lo < 0:
+        raise AssertionError(f"negative value {lo} in an unsigned array")
+    b = bits
+    while not (_range(b, signed)[0] <= lo and hi <= _range(b, signed)[1]):
+        b += 1
+    return b, ("" if b == bits else f"widened from the specified {bits} bits (values {lo}..{hi})")
+
+
+def to_hex_lines(v: np.ndarray, bits: int, signed: bool) -> list[str]:
+    """Row-major values as fixed-width two's complement hex at ``bits`` bits."""
+    mask = (1 << bits) - 1
+    nd = hex_digits(bits)
+    flat = np.asarray(v, dtype=np.int64).ravel()
+    if bits <= 63:
+        u = (flat & np.int64(mask)).tolist()
+    else:
+        u = [int(x) & mask for x in flat.tolist()]
+    return [format(x, f"0{nd}x") for x in u]
+
+
+def parse_hex(text: str, bits: int, signed: bool, shape: list[int] | tuple[int, ...]) -> np.ndarray:
+    """Inverse of the hex writer: lines -> int64 array of ``shape``."""
+    vals = []
+    half = 1 << (bits - 1)
+    for line in text.split():
+        x = int(line, 16)
+        if signed and x >= half:
+            x -= 1 << bits
+        vals.append(x)
+    return np.array(vals, dtype=np.int64).reshape(shape)
+
+
+# ---- golden-style evaluation of one op ------------------------------------------------------
+
+def _vinfo(program, name: str) -> tuple[int, bool]:
+    """(bits, signed) of a program value."""
+    v = program.values[name]
+    return int(v["bits"]), v["kind"] == "int"
+
+
+def _attr_width(program, op, name: str) -> tuple[int, bool]:
+    s = program.settings
+    out_bits, out_signed = _vinfo(program, op["output"])
+    if name in ("lo", "hi"):
+        return out_bits, out_signed
+    if name == "zp":
+        return out_bits, False
+    if name in ("zp_q", "zp_k", "zp_v"):
+        return _vinfo(program, op["inputs"][("zp_q", "zp_k", "zp_v").index(name)])[0], False
+    if name in ("mult", "score_mult"):
+        return int(s["mult_bits"]), True
+    if name in ("shift", "score_shift"):
+        return SHIFT_BITS, False
+    return CONFIG_BITS, False
+
+
+def _add_attrs(vec: Vectors, program, op) -> None:
+    for k, val in sorted(op["attrs"].items()):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+            continue           # strings / dicts (tokens, softmax_quant) live in the manifest
+        bits, signed = _attr_width(program, op, k)
+        vec.add(k, val, bits, signed, "attr", f"attribute '{k}' of the op (docs/integer-spec.md section 4)")
+
+
+def _linear_like(vec: Vectors, program, op, x: np.ndarray, patch: bool) -> np.ndarray:
+    from reference import golden as g
+    s = program.settings
+    A, B, wb = int(s["acc_bits"]), int(s["mult_bits"]), int(s["wbits"])
+    at = op["attrs"]
+    w, bias = g._t(program, op, "w"), g._t(program, op, "bias")
+    mult, shift = g._t(program, op, "mult"), g._t(program, op, "shift")
+    out_bits, out_signed = _vinfo(program, op["output"])
+    vec.add("w", w, wb + 1, True, "param", "centered weight codes w[c, k] (N, K): wq - zw[c]")
+    vec.add("bias", bias, A, True, "param", "bias[c] (N) with the input zero point folded in")
+    vec.add("mult", mult, B, True, "param", "requantization multiplier per output channel (N)")
+    vec.add("shift", shift, SHIFT_BITS, False, "param", "requantization right shift per output channel (N)")
+    if patch:
+        vec.add("pos", g._t(program, op, "pos"), out_bits, True, "param",
+                "position table pos[t, c] (P + 1, N); row 0 is the class token")
+    else:
+        vec.add("zp", g._t(program, op, "zp"), out_bits, False, "param", "output zero point per channel (N)")
+    g._assert_dot_fits(w.shape[1], x, w, bias)
+    acc_raw = g._add(bias, x @ w.T)
+    acc, _ = g.accsat(acc_raw, A)
+    vec.add("acc_raw", acc_raw, WIDE, True, "intermediate", "bias[c] + sum_k x[t, k] w[c, k], exact, before accsat")
+    vec.add("acc", acc, A, True, "intermediate", "accsat(acc_raw): the accumulator")
+    r = g.rq(acc, mult, shift)
+    vec.add("rq", r, WIDE, True, "intermediate", "rq(acc, mult[c], shift[c]) = rshift(acc * mult[c], shift[c])")
+    if patch:
+        pos = g._t(program, op, "pos")
+        cls = np.broadcast_to(pos[0], (x.shape[0], 1, pos.shape[1]))
+        y, _ = g.sat(np.concatenate([cls, g._add(r, pos[1:])], axis=1), at["lo"], at["hi"])
+    else:
+        y, _ = g.sat(g._add(r, g._t(program, op, "zp")), at["lo"], at["hi"])
+    return y
+
+
+def _layernorm(vec: Vectors, program, op, x: np.ndarray) -> np.ndarray:
+    from reference import golden as g
+    s = program.settings
+    at = op["attrs"]
+    K, F, S = at["recip_bits"], at["norm_frac"], at["shift"]
+    gmul, gadd = g._t(program, op, "gmul"), g._t(program, op, "gadd")
+    vec.add("gmul", gmul, int(s["mult_bits"]), True, "param", "fused gamma multiplier gmul[i] (D)")
+    vec.add("gadd", gadd, 56, True, "param", "fused beta addend gadd[i] (D), |gadd| < 2^55")
+    rows = x[:, :1, :] if at["tokens"] == "first" else x
+    D = rows.shape[-1]
+    S1 = rows.sum(axis=-1, keepdims=True)
+    S2 = (rows * rows).sum(axis=-1, keepdims=True)
+    c = D * rows - S1
+    V = D * S2 - S1 * S1
+    sd = g.isqrt(V)
+    inv = np.where(sd == 0, 0, g.rdiv(2 ** K, np.maximum(sd, 1)))
+    n = g.rshift(g._mul(c, inv), K - F)
+    pre = g._add(g.rshift(g._add(g._mul(n, gmul), gadd), S), at["zp"])
+    y, _ = g.sat(pre, at["lo"], at["hi"])
+    vec.add("S1", S1[..., 0], WIDE, True, "intermediate", "S1 = sum_i x[i] per row (B, T')")
+    vec.add("S2", S2[..., 0], WIDE, True, "intermediate", "S2 = sum_i x[i]^2 per row (B, T')")
+    vec.add("c", c, WIDE, True, "intermediate", "c[i] = D x[i] - S1 (B, T', D)")
+    vec.add("V", V[..., 0], WIDE, True, "intermediate", "V = D S2 - S1^2 per row (B, T')")
+    vec.add("sd", sd[..., 0], WIDE, True, "intermediate", "sd = isqrt(V) per row (B, T')")
+    vec.add("inv", inv[..., 0], WIDE, True, "intermediate", "inv = rdiv(2^K, sd) (0 if sd == 0) per row (B, T')")
+    vec.add("n", n, WIDE, True, "intermediate", "n[i] = rshift(c[i] inv, K - F) (B, T', D)")
+    vec.add("pre_sat", pre, WIDE, True, "intermediate", "rshift(n gmul + gadd, S) + zp, before the output clamp")
+    return y
+
+
+def _attention(vec: Vectors, program, op, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    from reference import golden as g
+    s = program.settings
+    at = op["attrs"]
+    Ab = int(s["acc_bits"])
+    E, X, P, G, L = at["exp_frac_bits"], at["exp_bits"], at["prob_bits"], at["recip_frac"], at["decode_bits"]
+    a_bits = _vinfo(program, op["output"])[0]
+    exp_table, thr, dec = g._t(program, op, "exp_table"), g._t(program, op, "thresholds"), g._t(program, op, "decode")
+    vec.add("exp_table", exp_table, X + 1, False, "table", "exp_table[j] = rnd(2^X 2^(-j / 2^E)) (2^E)")
+    vec.add("thresholds", thr, P + 1, False, "table", "thresholds[k-1]: smallest P-bit probability with code >= k (N)")
+    vec.add("decode", dec, L + 1, False, "table", "decode[k] = rnd(level_k 2^L) (N + 1), decode[0] = 0")
+    B, T, D = q.shape
+    H = at["heads"]
+    d = D // H
+
+    def heads(z: np.ndarray, zp: int) -> np.ndarray:
+        return (z - zp).reshape(B, T, H, d).transpose(0, 2, 1, 3)
+
+    qh, kh, vh = heads(q, at["zp_q"]), heads(k, at["zp_k"]), heads(v, at["zp_v"])
+    g._assert_dot_fits(d, qh, kh)
+    A_raw = qh @ kh.transpose(0, 1, 3, 2)
+    A, _ = g.accsat(A_raw, Ab)
+    m = A.max(axis=-1, keepdims=True)
+    u = g.rq(g._sub(m, A), at["score_mult"], at["score_shift"])
+    hi_part, lo_part = u >> E, u & (2 ** E - 1)
+    e = np.where(hi_part <= 62, g.rshift(exp_table[lo_part], np.minimum(hi_part, 62)), 0)
+    Z = e.sum(axis=-1, keepdims=True)
+    inv = g.rdiv(2 ** (P + G), Z)
+    p, _ = g.sat(g.rshift(g._mul(e, inv), G), g.I64_MIN, 2 ** P - 1)
+    code = g.encode(p, thr)
+    dq = dec[code]
+    g._assert_dot_fits(T, dq, vh)
+    O_raw = dq @ vh
+    O, _ = g.accsat(O_raw, Ab)
+    r = g.rq(O, at["mult"], at["shift"])
+    y, _ = g.sat(g._add(r, at["zp"]), at["lo"], at["hi"])
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, D)
+    vec.add("A_raw", A_raw, WIDE, True, "intermediate",
+            "scores sum_r (q[i, r] - zp_q)(k[j, r] - zp_k) per head (B, H, T, T), exact, before accsat")
+    vec.add("A", A, Ab, True, "intermediate", "accsat(A_raw): the score accumulator (B, H, T, T)")
+    vec.add("m", m[..., 0], Ab, True, "intermediate", "row maximum m[i] = max_j A[i, j] (B, H, T)")
+    vec.add("u", u, WIDE, True, "intermediate", "u = rq(m - A, score_mult, score_shift) >= 0 (B, H, T, T)")
+    vec.add("e", e, X + 1, False, "intermediate", "e = rshift(exp_table[u & (2^E-1)], u >> E), 0 if u >> E > 62")
+    vec.add("Z", Z[..., 0], WIDE, True, "intermediate", "row sum Z[i] = sum_j e[i, j] (B, H, T)")
+    vec.add("inv", inv[..., 0], WIDE, True, "intermediate", "row reciprocal inv[i] = rdiv(2^(P+G), Z[i]) (B, H, T)")
+    vec.add("p", p, P, False, "intermediate", "probability min(rshift(e inv, G), 2^P - 1) (B, H, T, T)")
+    vec.add("code", code, a_bits, False, "intermediate", "post-softmax code = #{k: p >= thresholds[k-1]} (B, H, T, T)")
+    vec.add("dec", dq, L + 1, False, "intermediate", "decode[code] (B, H, T, T)")
+    vec.add("O_raw", O_raw, WIDE, True, "intermediate",
+            "sum_j decode[code[i, j]] (v[j, r] - zp_v) per head (B, H, T, d), exact, before accsat")
+    vec.add("O", O, Ab, True, "intermediate", "accsat(O_raw): the output accumulator (B, H, T, d)")
+    vec.add("rq", r, WIDE, True, "intermediate", "rq(O, mult, shift) (B, H, T, d)")
+    return y
+
+
+def _gelu(vec: Vectors, program, op, x: np.ndarray) -> np.ndarray:
+    from reference import golden as g
+    gb = int(program.settings["gelu_bits"])
+    out_bits = _vinfo(program, op["output"])[0]
+    table = g._t(program, op, "table")
+    vec.add("table", table, out_bits, False, "table", "GELU table[i] = output code of input i - 2^(g-1) (2^g)")
+    idx = x + 2 ** (gb - 1)
+    vec.add("index", idx, gb, False, "intermediate", "table index x + 2^(g-1)")
+    return table[idx]
+
+
+def _add_op(vec: Vectors, program, op, a: np.ndarray, skip: np.ndarray) -> np.ndarray:
+    from reference import golden as g
+    at = op["attrs"]
+    r = g.rq(skip, at["mult"], at["shift"])
+    ssum = g._add(a, r)
+    vec.add("skip_rq", r, WIDE, True, "intermediate", "rq(skip, mult, shift): the skip at the output scale")
+    vec.add("sum", ssum, WIDE, True, "intermediate", "a + skip_rq, before the output clamp")
+    y, _ = g.sat(ssum, at["lo"], at["hi"])
+    return y
+
+
+def op_vectors(program, op: dict[str, Any], inputs: list[np.ndarray]) -> Vectors:
+    """Every array of one op on ``inputs`` (int64), golden style; checked against ``golden.OPS``."""
+    from reference import golden as g
+    typ = op["type"]
+    if typ not in SUPPORTED:
+        raise UserError(f"op '{op['name']}' has type {typ!r}; vectors support {', '.join(SUPPORTED)}")
+    vec = Vectors(op=op)
+    xs = [np.asarray(x, dtype=np.int64) for x in inputs]
+    for role, vname, x in zip(ROLES[typ], op["inputs"], xs):
+        bits, signed = _vinfo(program, vname)
+        what = {"image": "raw pixels (B, 3, H, W)", "codes": "unsigned activation codes",
+                "int": "signed integers"}[program.values[vname]["kind"]]
+        vec.add(role, x, bits, signed, "input", f"input '{vname}': {what}, shape (B, ...) of the value")
+    if typ in ("linear", "patch_embed"):
+        x = xs[0]
+        if typ == "patch_embed":
+            p = op["attrs"]["patch"]
+            B, C, H, W = x.shape
+            x = x.reshape(B, C, H // p, p, W // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(
+                B, (H // p) * (W // p), C * p * p)
+            vec.add("x", x, 8, False, "intermediate",
+                    "patch vectors x[t-1, (ch p + ky) p + kx] = image[ch, i p + ky, j p + kx], t = 1 + i (W/p) + j")
+        y = _linear_like(vec, program, op, x, typ == "patch_embed")
+    elif typ == "layernorm":
+        y = _layernorm(vec, program, op, xs[0])
+    elif typ == "attention":
+        y = _attention(vec, program, op, *xs)
+    elif typ == "gelu":
+        y = _gelu(vec, program, op, xs[0])
+    else:
+        y = _add_op(vec, program, op, *xs)
+    _add_attrs(vec, program, op)
+    gy, counts = g.OPS[typ](program, op, *xs)
+    if not np.array_equal(gy, y):          # the step-by-step evaluation must be the golden op
+        raise AssertionError(f"op '{op['name']}': the step-by-step evaluation differs from golden.{typ}")
+    ob, osg = _vinfo(program, op["output"])
+    vec.add("y", gy, ob, osg, "output", f"output '{op['output']}' of the op (the golden model's)")
+    vec.counts = dict(counts)
+    return vec
+
+
+def golden_inputs(program, op_name: str, images: np.ndarray) -> list[np.ndarray]:
+    """The op's inputs on ``images``: the golden model's ops, in order, up to ``op_name``."""
+    from reference import golden as g
+    (inp,) = program.header["inputs"]
+    vals = {inp: np.asarray(images).astype(np.int64)}
+    for op in program.ops:
+        if op["name"] == op_name:
+            return [vals[i] for i in op["inputs"]]
+        vals[op["output"]], _ = g.OPS[op["type"]](program, op, *(vals[i] for i in op["inputs"]))
+    raise KeyError(op_name)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def find_op(program, layer: str) -> dict[str, Any]:
+    """The op named ``layer``; an unknown name lists the available ones."""
+    for op in program.ops:
+        if op["name"] == layer and op["type"] in SUPPORTED:
+            return op
+    names = [op["name"] for op in program.ops if op["type"] in SUPPORTED]
+    raise UserError(f"no op named '{layer}' in the program; available ops: {', '.join(names)}")
+
+
+def program_digest(program) -> str:
+    from program.format import header_json
+    return hashlib.sha256(header_json(program.header).encode()).hexdigest()
+
+
+def _manifest(program, vec: Vectors, image_info: dict) -> dict[str, Any]:
+    op = vec.op
+    return {
+        "format": "intsim-vectors", "version": 1,
+        "op": {"name": op["name"], "type": op["type"], "inputs": list(op["inputs"]), "output": op["output"],
+               "attrs": op["attrs"]},
+        "roles": list(ROLES[op["type"]]),
+        "settings": dict(program.settings),
+        "program_header_sha256": program_digest(program),
+        "images": image_info,
+        "golden_counts": vec.counts,
+        "arrays": {a.name: a.meta() for a in vec.arrays},
+        "order": [a.name for a in vec.arrays],
+    }
+
+
+GROUP_TITLES = {"input": "Inputs", "param": "Constants (tensors of the program)", "table": "Tables",
+                "attr": "Scalar attributes", "intermediate": "Intermediates (golden style)", "output": "Output"}
+
+
+def format_md(man: dict[str, Any]) -> str:
+    op = man["op"]
+    lines = [
+        f"# Test vectors of `{op['name']}` ({op['type']})", "",
+        f"Op `{op['name']}` of type `{op['type']}`: inputs {', '.join(f'`{i}`' for i in op['inputs'])} "
+        f"(stored as {', '.join(f'`{r}`' for r in man['roles'])}), output `{op['output']}` (stored as `y`). "
+        f"Semantics: `docs/integer-spec.md`, section 4 ({op['type']}). Computed by the golden model "
+        "(`reference/golden.py`) and checked with `intsim vectors --check DIR --program FILE`, which re-runs "
+        "the op on the engine.", "",
+        f"Images: {man['images'].get('count')} from {man['images'].get('source')}"
+        + (f" ({', '.join(man['images']['ids'][:8])}{', ...' if len(man['images']['ids']) > 8 else ''})"
+           if man["images"].get("ids") else "") + ". B below is that count.", "",
+        f"Program header SHA-256: `{man['program_header_sha256']}`.", "",
+        "Golden saturation counts of the op on these images: "
+        + ", ".join(f"{k} = {v}" for k, v in man["golden_counts"].items()) + ".", "",
+        "## Files", "",
+        "* `vectors.npz`: every array below under its name, dtype int64 (scalars as 0-d arrays).",
+        "* `<name>.hex`: one value per line, row-major (C order, last index fastest) over the shape below, "
+        "lowercase hexadecimal with leading zeros, exactly `ceil(bits / 4)` digits, two's complement at "
+        "the declared bit width for signed arrays (e.g. -3 at 12 bits is `ffd`), the plain value for "
+        "unsigned ones. A scalar is one line.",
+        "* `manifest.json`: this table in machine-readable form, plus the op's attributes and settings.", "",
+        "Declared widths are those of the specification (e.g. weights `wbits + 1` signed, accumulators "
+        "`acc_bits` signed, exact int64 intermediates 64 signed); a width is only widened when a value "
+        "needs it, and the `note` column says so.", "",
+    ]
+    arrays = man["arrays"]
+    for grp, title in GROUP_TITLES.items():
+        names = [n for n in man["order"] if arrays[n]["group"] == grp]
+        if not names:
+            continue
+        lines += [f"### {title}", "",
+                  "| name | file | shape | dtype | bits | signed | order | meaning | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for n in names:
+            a = arrays[n]
+            shape = "(" + ", ".join(map(str, a["shape"])) + ")" if a["shape"] else "scalar"
+            lines.append(f"| `{n}` | `{a['file']}` | {shape} | int64 | {a['bits']} | "
+                         f"{'yes' if a['signed'] else 'no'} | row-major | {a['desc'].replace('|', '/')} | "
+                         f"{a.get('note', '')} |")
+        lines.append("")
+    other = {k: v for k, v in op["attrs"].items() if isinstance(v, (str, dict, list))}
+    if other:
+        lines += ["### Other attributes", ""]
+        lines += [f"* `{k}`: `{json.dumps(v, sort_keys=True)}`" for k, v in other.items()]
+        lines.append("")
+    lines += ["## Settings", "", ", ".join(f"`{k}` = {v}" for k, v in man["settings"].items()), ""]
+    return "\n".join(lines)
+
+
+def _check_dest(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} exists and is not a folder")
+    if out.is_dir():
+        extra = [p.name for p in out.iterdir() if p.name not in (NPZ, MANIFEST, FORMAT_MD) and p.suffix != ".hex"]
+        if extra:
+            raise UserError(f"-o {out} already holds other files ({', '.join(sorted(extra)[:3])}); "
+                            "choose a new or empty folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {parent} does not exist")
+    try:
+        d = tempfile.mkdtemp(dir=parent, prefix=".intsim-write-test-")
+        os.rmdir(d)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror}") from None
+
+
+def write_vectors(program, layer: str, images: np.ndarray, out: str | os.PathLike,
+                  image_info: dict | None = None) -> dict[str, Any]:
+    """Compute and write the vectors of op ``layer`` on ``images`` (uint8 (K, 3, H, W)) to folder ``out``.
+
+    The folder is built under a temporary name and renamed into place (a previous vectors folder
+    at ``out`` is replaced; one holding other files is refused). Returns the manifest.
+    """
+    out = Path(out)
+    op = find_op(program, layer)
+    _check_dest(out)
+    images = np.asarray(images)
+    vec = op_vectors(program, op, golden_inputs(program, op["name"], images))
+    info = dict(image_info or {})
+    info.setdefault("count", int(images.shape[0]))
+    info.setdefault("source", "given images")
+    man = _manifest(program, vec, info)
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        np.savez(tmp / NPZ, **{a.name: a.value for a in vec.arrays})
+        for a in vec.arrays:
+            (tmp / f"{a.name}.hex").write_text("\n".join(to_hex_lines(a.value, a.bits, a.signed)) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=True, default=_json_default) + "\n")
+        (tmp / FORMAT_MD).write_text(format_md(man))
+        old = None
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return man
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+# ---- checking --------------------------------------------------------------------------------
+
+def load_vectors(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file() or not (folder / NPZ).is_file():
+        raise UserError(f"{folder} is not a test-vector folder (no {MANIFEST} / {NPZ}); write one with "
+                        "`intsim vectors --program FILE --layer NAME -o DIR`")
+    man = json.loads((folder / MANIFEST).read_text())
+    with np.load(folder / NPZ) as z:
+        arrays = {k: z[k] for k in z.files}
+    return man, arrays
+
+
+def verify_vectors(program, folder: str | os.PathLike, gemm: str = "auto") -> list[str]:
+    """Problems found (empty: the engine reproduces the vectors): the op re-run with the engine on
+    the stored inputs against the stored output and counts, the stored constants against the
+    program, and every hex file against its npz array."""
+    from .engine import run_op
+    folder = Path(folder)
+    man, arrays = load_vectors(folder)
+    problems: list[str] = []
+    name, typ = man["op"]["name"], man["op"]["type"]
+    try:
+        op = program.op(name)
+    except KeyError:
+        return [f"the program has no op '{name}'"]
+    if op["type"] != typ:
+        return [f"op '{name}' is a {op['type']} in the program, the vectors are of a {typ}"]
+    for n, meta in man["arrays"].items():
+        if n not in arrays:
+            problems.append(f"{NPZ} lacks '{n}'")
+            continue
+        if list(arrays[n].shape) != meta["shape"]:
+            problems.append(f"'{n}' has shape {list(arrays[n].shape)}, the manifest says {meta['shape']}")
+        f = folder / meta["file"]
+        if not f.is_file():
+            problems.append(f"{meta['file']} is missing")
+            continue
+        try:
+            h = parse_hex(f.read_text(), meta["bits"], meta["signed"], meta["shape"])
+        except ValueError as e:
+            problems.append(f"{meta['file']} does not parse: {e}")
+            continue
+        if not np.array_equal(h, arrays[n]):
+            problems.append(f"{meta['file']} differs from '{n}' in {NPZ} at {int(np.count_nonzero(h != arrays[n]))} "
+                            "values")
+        if meta["group"] in ("param", "table"):
+            key = f"{name}.{n}"
+            if key not in program.tensors or not np.array_equal(np.asarray(program.tensors[key], np.int64), arrays[n]):
+                problems.append(f"stored '{n}' is not the program's tensor {key}")
+        elif meta["group"] == "attr":
+            if int(op["attrs"].get(n, -1 << 70)) != int(arrays[n]):
+                problems.append(f"stored attribute '{n}' = {int(arrays[n])} is not the program's "
+                                f"{op['attrs'].get(n)!r}")
+    roles = man["roles"]
+    if problems or any(r not in arrays for r in roles) or "y" not in arrays:
+        return problems or ["the stored inputs or output are missing"]
+    y, counts = run_op(program, op, *(arrays[r] for r in roles), gemm=gemm)
+    y = np.asarray(y, dtype=np.int64)
+    want = arrays["y"]
+    if y.shape != want.shape:
+        problems.append(f"the engine's output has shape {y.shape}, the stored one {want.shape}")
+    elif not np.array_equal(y, want):
+        bad = np.argwhere(y != want)
+        i = tuple(int(t) for t in bad[0])
+        problems.append(f"the engine's output differs from the stored one at {len(bad)} of {want.size} values "
+                        f"(first at {i}: engine {int(y[i])}, stored {int(want[i])})")
+    if {k: int(v) for k, v in counts.items()} != {k: int(v) for k, v in man["golden_counts"].items()}:
+        problems.append(f"saturation counts differ: engine {dict(counts)}, stored {man['golden_counts']}")
+    return problems
+
+
+def check_vectors(program, folder: str | os.PathLike) -> bool:
+    """True when the engine reproduces the stored vectors (see :func:`verify_vectors`)."""
+    return not verify_vectors(program, folder)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("--program", required=True, metavar="FILE", help="the program file")
+    p.add_argument("--layer", metavar="NAME", help="op name, e.g. blocks.0.attn.core or blocks.0.mlp.fc1 "
+                                                   "(an unknown name lists the available ones)")
+    p.add_argument("--images", type=int, default=2, metavar="K", help="number of images (default 2)")
+    p.add_argument("--data", metavar="PATH", help="images: ImageFolder tree or zip (default: the bundled "
+                                                   "CIFAR-10 evaluation images)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image draw from --data (0)")
+    p.add_argument("-o", "--out", metavar="DIR", help="folder to write (created; a previous vectors folder "
+                                                      "is replaced)")
+    p.add_argument("--check", metavar="DIR", help="instead: re-run the op of the vectors in DIR with the engine "
+                                                  "and compare (exit 0 when they match, 1 when not)")
+
+
+def _transform_for(program):
+    """The evaluation transform of the program's model (provenance), else a plain resize to its size."""
+    from .data import Transform
+    name = program.model.get("name") or program.header.get("provenance", {}).get("model")
+    if name:
+        from reference.zoo import data_config, resolve
+        dc = data_config(resolve(name))
+        return Transform(size=dc["input_size"][-1], crop_pct=dc["crop_pct"], interpolation=dc["interpolation"])
+    return Transform(size=int(program.model["img_size"]), crop_pct=1.0)
+
+
+def run(a) -> int:
+    from program.format import load
+    if a.check:
+        if a.layer or a.out:
+            raise UserError("--check DIR takes only --program (not --layer / -o)")
+        prog = load(a.program)
+        problems = verify_vectors(prog, a.check)
+        if problems:
+            print(f"vectors in {a.check} do NOT match the engine:")
+            for p in problems:
+                print(f"  {p}")
+            return 1
+        man, _ = load_vectors(a.check)
+        print(f"vectors in {a.check} ({man['op']['name']}, {man['images'].get('count')} images): "
+              "the engine reproduces them")
+        return 0
+    if not a.layer or not a.out:
+        raise UserError("intsim vectors needs --layer NAME and -o DIR (or --check DIR)")
+    if a.images < 1:
+        raise UserError(f"--images must be at least 1, not {a.images}")
+    prog = load(a.program)
+    find_op(prog, a.layer)
+    _check_dest(Path(a.out))
+    from .data import load_images
+    data = load_images(a.data, _transform_for(prog), a.images, split="eval", seed=a.seed)
+    shape = tuple(prog.values[prog.header["inputs"][0]]["shape"])
+    if tuple(data.images.shape[1:]) != shape:
+        raise UserError(f"images have shape {data.images.shape[1:]}, the program expects {shape}")
+    man = write_vectors(prog, a.layer, data.images, a.out,
+                        {"count": len(data), "source": data.source, "ids": list(data.ids)})
+    print(f"wrote {len(man['arrays'])} arrays of {man['op']['name']} ({man['op']['type']}, "
+          f"{len(data)} images) to {a.out}: {NPZ}, one .hex per array, {MANIFEST}, {FORMAT_MD}")
+    return 0
