@@ -539,3 +539,48 @@ def check_bounds_swin(prog: Program) -> None:
                 raise ExportError(f"{name}: a query is masked from itself")
         elif typ == "token_pool":
             ms(name, a["mult"], a["shift"])
+
+
+def reparameterize(params: S.SwinParams, images, bits: int, rule: str) -> tuple[S.SwinParams, dict]:
+    """Reparameterize every post-LayerNorm quantizer of a float Swin model (as
+    :func:`calib.reparam.reparameterize` for ViTs): ``norm1`` -> q/k/v, ``norm2`` -> fc1, every
+    ``downsample.norm`` -> reduction, and the final LayerNorm -> head through the pool (calibrated
+    on the pooled features). Returns new float32 parameters whose float output equals the
+    original's, and the per-point :class:`calib.reparam.Reparam`."""
+    import copy
+
+    from . import reparam as rp
+    from .uniform import search_channels
+
+    rows: dict[str, np.ndarray] = {}
+
+    def record(name, x):
+        if name.endswith((".norm1", ".norm2", "downsample.norm")) or name == "head.pool":
+            rows[name] = x.reshape(-1, x.shape[-1]).double().numpy()
+        return x
+
+    S.forward(params, images, hook=record)
+    out = copy.deepcopy(params)
+    reps = {}
+
+    def fold(name, ln_w, ln_b, consumers):
+        r = rp.shared(*search_channels(rows[name], bits), rule)
+        reps[name] = r
+        g, b = rp.apply_ln(ln_w.double().numpy(), ln_b.double().numpy(), r)
+        lins = [rp.apply_linear(W.double().numpy(), bb.double().numpy(), r) for W, bb in consumers]
+        return (_t32(g), _t32(b)), [(_t32(W), _t32(bb)) for W, bb in lins]
+
+    for s, st in enumerate(out.stages):
+        if st.merge is not None:
+            mp = st.merge
+            (mp.norm_w, mp.norm_b), [(mp.red_w, mp.red_b)] = fold(f"layers.{s}.downsample.norm", mp.norm_w, mp.norm_b,
+                                                                  [(mp.red_w, mp.red_b)])
+        for j, sb in enumerate(st.blocks):
+            bp, pre = sb.p, f"layers.{s}.blocks.{j}"
+            (bp.norm1_w, bp.norm1_b), [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)] = fold(
+                f"{pre}.norm1", bp.norm1_w, bp.norm1_b, [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)])
+            (bp.norm2_w, bp.norm2_b), [(bp.fc1_w, bp.fc1_b)] = fold(f"{pre}.norm2", bp.norm2_w, bp.norm2_b,
+                                                                    [(bp.fc1_w, bp.fc1_b)])
+    (out.norm_w, out.norm_b), [(out.head_w, out.head_b)] = fold("head.pool", out.norm_w, out.norm_b,
+                                                                [(out.head_w, out.head_b)])
+    return out, reps

@@ -51,6 +51,13 @@ def _figure(w: float, h: float):
     return fig
 
 
+def _default_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask (mkstemp creates 0600 files)."""
+    um = os.umask(0)
+    os.umask(um)
+    return base & ~um
+
+
 def _save(fig, path: str | os.PathLike) -> str:
     """Write ``fig`` as PNG atomically (temporary name in the same folder, then rename)."""
     p = Path(path)
@@ -58,6 +65,7 @@ def _save(fig, path: str | os.PathLike) -> str:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
@@ -73,6 +81,7 @@ def _write_json(path: str | os.PathLike, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
             f.write("\n")
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
@@ -253,6 +262,8 @@ def plot_softmax(probs, quants: dict[str, dict[str, Any]], out_png: str | os.Pat
     counts, edges = np.histogram(np.clip(pos, bins[0], 1.0), bins=bins)
     n_zero = int(p.size - pos.size)
     types = [t for t in QUANT_TYPES if t in quants]
+    lv_min = min([float(lv) for t in types for lv in quants[t]["quant"].levels() if lv > 0] + [float(edges[0])])
+    xmin = max(min(float(edges[0]), lv_min) / 1.5, 1e-12)
     fig = _figure(10, 2.3 * max(1, len(types)) + 0.6)
     axs = [fig.add_subplot(len(types), 1, i + 1) for i in range(len(types))] or [fig.add_subplot(1, 1, 1)]
     for i, (ax, t) in enumerate(zip(axs, types)):
@@ -273,7 +284,7 @@ def plot_softmax(probs, quants: dict[str, dict[str, Any]], out_png: str | os.Pat
         ax.set_ylabel("count")
         ax.text(0.01, 0.95, f"{t}, {q.bits} bits: {params}", transform=ax.transAxes, fontsize=8, va="top")
         ax.legend(fontsize=7, loc="upper right")
-        ax.set_xlim(edges[0], 1.05)
+        ax.set_xlim(xmin, 1.05)
     axs[-1].set_xlabel("post-softmax probability (log scale; level 0 not shown)")
     if title:
         axs[0].set_title(title)
@@ -315,8 +326,6 @@ def layer_sqnr(program, params, images: np.ndarray, batch_size: int = 16) -> dic
     same input normalization as the program. Returns ``{"points": [...], "images": n}``; each
     point has the value name, op type, kind, bits, both SQNRs (dB) and ``exact`` flags.
     """
-    import torch
-
     from reference.vit import FakeQuantViT, forward
 
     from .engine import Engine

@@ -322,7 +322,7 @@ def op_vectors(program, op: dict[str, Any], inputs: list[np.ndarray]) -> Vectors
         bits, signed = _vinfo(program, vname)
         what = {"image": "raw pixels (B, 3, H, W)", "codes": "unsigned activation codes",
                 "int": "signed integers"}[program.values[vname]["kind"]]
-        vec.add(role, x, bits, signed, "input", f"input '{vname}': {what}, shape (B, ...) of the value")
+        vec.add(role, x, bits, signed, "input", f"input '{vname}': {what}")
     if typ in ("linear", "patch_embed"):
         x = xs[0]
         if typ == "patch_embed":
@@ -421,6 +421,10 @@ def format_md(man: dict[str, Any]) -> str:
         "the declared bit width for signed arrays (e.g. -3 at 12 bits is `ffd`), the plain value for "
         "unsigned ones. A scalar is one line.",
         "* `manifest.json`: this table in machine-readable form, plus the op's attributes and settings.", "",
+        "Dimensions: B images, T tokens (class token first), P = T - 1 patches, T' = T (or 1 for a "
+        "`tokens = first` LayerNorm), H heads, d = D / H head width, D / K input channels, N output "
+        "channels, E exp-table size 2^exp_frac_bits. Inputs and output have the program value's shape "
+        "with B in front.", "",
         "Declared widths are those of the specification (e.g. weights `wbits + 1` signed, accumulators "
         "`acc_bits` signed, exact int64 intermediates 64 signed); a width is only widened when a value "
         "needs it, and the `note` column says so.", "",
@@ -435,7 +439,7 @@ def format_md(man: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for n in names:
             a = arrays[n]
-            shape = "(" + ", ".join(map(str, a["shape"])) + ")" if a["shape"] else "scalar"
+            shape = str(tuple(a["shape"])) if a["shape"] else "scalar"
             lines.append(f"| `{n}` | `{a['file']}` | {shape} | int64 | {a['bits']} | "
                          f"{'yes' if a['signed'] else 'no'} | row-major | {a['desc'].replace('|', '/')} | "
                          f"{a.get('note', '')} |")
@@ -485,7 +489,10 @@ def write_vectors(program, layer: str, images: np.ndarray, out: str | os.PathLik
     man = _manifest(program, vec, info)
     parent = out.parent if str(out.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
+    um = os.umask(0)
+    os.umask(um)
     try:
+        os.chmod(tmp, 0o777 & ~um)          # mkdtemp makes 0700
         np.savez(tmp / NPZ, **{a.name: a.value for a in vec.arrays})
         for a in vec.arrays:
             (tmp / f"{a.name}.hex").write_text("\n".join(to_hex_lines(a.value, a.bits, a.signed)) + "\n")

@@ -345,40 +345,113 @@ def qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh, 
 # ---- layernorm ----------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
-def layernorm_rows(x, gmul, gadd, recip_bits, norm_frac, shift, zp, lo, hi, out):
-    """Integer LayerNorm of every row of ``x`` (M, D) int64 (spec 4.3) into ``out`` (M, D), float32
-    codes or int64. Returns ``n_out``."""
-    M, D = x.shape
-    cout = np.zeros(M, np.int64)
-    num = np.int64(1) << recip_bits
-    nshift = recip_bits - norm_frac
-    for m in prange(M):
-        s1 = np.int64(0)
-        s2 = np.int64(0)
+#: Entries of the LayerNorm scalar table ``lnp`` (int64).
+L_RECIP, L_FRAC, L_SHIFT, L_ZP, L_LO, L_HI, L_FAST, L_OFF1, L_CORR1, L_OFF2, L_CORR2, L_NARROW = range(12)
+
+
+@njit(cache=True)
+def _ln_row(x, gmul, gadd, lnp, out, m):
+    """Integer LayerNorm (spec 4.3) of the int64 row ``x`` (D,) into ``out[m, :]``. Returns ``n_out``.
+
+    ``lnp[L_FAST]``: the runner proved ``|c * inv| <= 2^62`` and ``|n * gmul + gadd| <= 2^62`` for
+    every input in the row's range, so both rounding shifts take the offset form of
+    ``_requant_row`` (``off``/``corr`` in ``lnp``); ``lnp[L_NARROW]``: n and gmul lie within
+    +-2^31 (an int32 product).
+    """
+    D = x.shape[0]
+    recip_bits = lnp[L_RECIP]
+    nshift = recip_bits - lnp[L_FRAC]
+    shift = lnp[L_SHIFT]
+    zp = lnp[L_ZP]
+    lo = lnp[L_LO]
+    hi = lnp[L_HI]
+    s1 = np.int64(0)
+    s2 = np.int64(0)
+    for i in range(D):
+        xi = x[i]
+        s1 += xi
+        s2 += xi * xi
+    var = D * s2 - s1 * s1
+    sd = isqrt(var)
+    inv = np.int64(0)
+    if sd != 0:
+        inv = rdiv(np.int64(1) << recip_bits, sd)
+    no = np.int64(0)
+    if lnp[L_FAST] != 0:
+        off1 = np.uint64(lnp[L_OFF1])
+        corr1 = lnp[L_CORR1]
+        off2 = np.uint64(lnp[L_OFF2])
+        corr2 = lnp[L_CORR2] - zp
+        sh1 = np.uint64(nshift)
+        sh2 = np.uint64(shift)
+        if lnp[L_NARROW] != 0:
+            for i in range(D):
+                nv = np.int64((np.uint64((D * x[i] - s1) * inv) + off1) >> sh1) - corr1
+                t = np.int64(np.int32(nv)) * np.int64(np.int32(gmul[i])) + gadd[i]
+                v = np.int64((np.uint64(t) + off2) >> sh2) - corr2
+                y = min(max(v, lo), hi)
+                no += np.int64(y != v)
+                out[m, i] = _store_val(out, y)
+        else:
+            for i in range(D):
+                nv = np.int64((np.uint64((D * x[i] - s1) * inv) + off1) >> sh1) - corr1
+                v = np.int64((np.uint64(nv * gmul[i] + gadd[i]) + off2) >> sh2) - corr2
+                y = min(max(v, lo), hi)
+                no += np.int64(y != v)
+                out[m, i] = _store_val(out, y)
+    else:
         for i in range(D):
-            xi = x[m, i]
-            s1 += xi
-            s2 += xi * xi
-        var = D * s2 - s1 * s1
-        sd = isqrt(var)
-        inv = np.int64(0)
-        if sd != 0:
-            inv = rdiv(num, sd)
-        no = np.int64(0)
-        for i in range(D):
-            c = D * x[m, i] - s1
+            c = D * x[i] - s1
             nv = rshift(c * inv, nshift)
             v = rshift(nv * gmul[i] + gadd[i], shift) + zp
-            if v < lo:
-                v = lo
-                no += 1
-            elif v > hi:
-                v = hi
-                no += 1
-            out[m, i] = v
-        cout[m] = no
-    return cout.sum()
+            y = min(max(v, lo), hi)
+            no += np.int64(y != v)
+            out[m, i] = _store_val(out, y)
+    return no
+
+
+@njit(cache=True, parallel=True)
+def layernorm_rows(x, gmul, gadd, lnp, out, rows_per_task):
+    """Integer LayerNorm of every row of ``x`` (M, D) int64 (spec 4.3) into ``out`` (M, D), float32
+    codes or int64. Returns ``n_out``."""
+    M = x.shape[0]
+    ntask = (M + rows_per_task - 1) // rows_per_task
+    cnt = np.zeros(ntask, np.int64)
+    for tk in prange(ntask):
+        for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
+            cnt[tk] += _ln_row(x[m], gmul, gadd, lnp, out, m)
+    return cnt.sum()
+
+
+@njit(cache=True, parallel=True)
+def linear_add_ln_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, skip, amult, ashift, aoff, acorr, alo, ahi,
+                           anarrow, out, gmul, gadd, lnp, ln_out, rows_per_task):
+    """``linear_add_epilogue`` followed, row by row, by the ``layernorm`` (tokens ``all``) that
+    reads the sum: ``ln_out[m, :] = LN(out[m, :])`` (spec 4.3). Returns
+    ``(n_acc, n_out linear, n_out add, n_out layernorm)``."""
+    M = S.shape[1]
+    N = S.shape[2]
+    ntask = (M + rows_per_task - 1) // rows_per_task
+    cnt = np.zeros((ntask, 4), np.int64)
+    for tk in prange(ntask):
+        buf = np.empty(N, np.int64)
+        for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
+            _acc_row(S, m, buf)
+            na, no = _requant_row(buf, 0, N, cols, zp, 0, acc_lo, acc_hi, narrow)
+            nd = np.int64(0)
+            for n in range(N):
+                y = buf[n] + _rq_scalar(skip[m, n], amult, aoff, ashift, acorr, ashift, anarrow)
+                c = min(max(y, alo), ahi)
+                nd += np.int64(c != y)
+                out[m, n] = c
+                buf[n] = c
+            nl = _ln_row(buf, gmul, gadd, lnp, ln_out, m)
+            cnt[tk, 0] += na
+            cnt[tk, 1] += no
+            cnt[tk, 2] += nd
+            cnt[tk, 3] += nl
+    tot = cnt.sum(axis=0)
+    return tot[0], tot[1], tot[2], tot[3]
 
 
 # ---- attention: integer softmax between two batched BLAS products ----------------------------

@@ -767,12 +767,45 @@ class _Op:
         B, T, D = x.shape
         rows = np.ascontiguousarray(x[:, 0, :]) if self.tokens == "first" else x.reshape(B * T, D)
         y = np.empty(rows.shape, np.int64)
-        no = self.layernorm_into(rows, y)
+        no = self.layernorm_into(rows, y, self.ranges[0])
         return y.reshape(B, -1, D), {"acc": 0, "out": int(no), "prob": 0}
 
-    def layernorm_into(self, rows: np.ndarray, out: np.ndarray) -> int:
-        return K.layernorm_rows(rows, self.gmul, self.gadd, self.recip_bits, self.norm_frac,
-                                self.ln_shift, self.zp, self.lo, self.hi, out)
+    def ln_params(self, xr: tuple[int, int]) -> np.ndarray:
+        """The scalar table ``lnp`` of ``kernels._ln_row`` for inputs within ``xr``.
+
+        The offset form of both rounding shifts (``L_FAST``) needs ``|c * inv| <= 2^62`` and
+        ``|n * gmul + gadd| <= 2^62``. With ``c_i = D x_i - S1``: ``sum_i c_i^2 = D * V`` so
+        ``|c| <= sqrt(D V)``; ``sd = floor(sqrt(V)) >= sqrt(V) / 2`` (V >= 1) and
+        ``inv <= 2^K / sd + 1/2``, hence ``|c * inv| <= 2 sqrt(D) 2^K + |c| / 2`` with
+        ``|c| <= 2 D max|x|`` (0 when sd = 0); ``|n| <= |c * inv| / 2^(K-F) + 1``.
+        """
+        key = (int(xr[0]), int(xr[1]))
+        cache = self.__dict__.setdefault("_lnp", {})
+        if key in cache:
+            return cache[key]
+        D = int(self.gmul.shape[0])
+        Kb, F, Sh = self.recip_bits, self.norm_frac, self.ln_shift
+        fast = narrow = 0
+        off1 = corr1 = off2 = corr2 = 0
+        if 0 <= Kb - F <= 62 and 0 <= Sh <= 62 and D > 0:
+            xmax = _absmax(key)
+            b1 = 2 * (math.isqrt(D) + 1) * (1 << Kb) + 2 * D * xmax
+            if b1 <= 2 ** 62:
+                bnv = (b1 >> (Kb - F)) + 1
+                gm = int(np.abs(self.gmul).max())
+                b2 = bnv * gm + int(np.abs(self.gadd).max())
+                if b2 <= 2 ** 62:
+                    fast = 1
+                    narrow = int(bnv < 2 ** 31 and gm < 2 ** 31)
+                    (off1,), (corr1,) = _rq_offsets(np.array([Kb - F]))
+                    (off2,), (corr2,) = _rq_offsets(np.array([Sh]))
+        lnp = np.array([Kb, F, Sh, self.zp, self.lo, self.hi, fast, off1, corr1, off2, corr2, narrow], np.int64)
+        cache[key] = lnp
+        return lnp
+
+    def layernorm_into(self, rows: np.ndarray, out: np.ndarray, xr: tuple[int, int] | None = None) -> int:
+        lnp = self.ln_params(xr if xr is not None else _data_range(rows))
+        return K.layernorm_rows(rows, self.gmul, self.gadd, lnp, out, EPI_ROWS_PER_TASK)
 
     def attention_core(self, qh: np.ndarray, kT: np.ndarray, vh: np.ndarray, route: _AttnRoute,
                        out: np.ndarray, pool: "_Pool | None" = None) -> dict[str, int]:
@@ -931,8 +964,15 @@ class _Fused:
                 continue
             if (op.type == "linear" and i + 1 < n and ops[i + 1].type == "add"
                     and only_consumer(op.output, i + 1, 0) and ops[i + 1].inputs[1] != op.output):
-                self._add_linear_add(op, ops[i + 1])
-                i += 2
+                ln = ops[i + 2] if i + 2 < n else None
+                if (ln is not None and ln.type == "layernorm" and ln.tokens == "all"
+                        and ln.inputs[0] == ops[i + 1].output and ops[i + 1].output != out_name
+                        and ln.gmul.shape[0] == op.bias.shape[0]):
+                    self._add_linear_add(op, ops[i + 1], ln, gemm_only)
+                    i += 3
+                else:
+                    self._add_linear_add(op, ops[i + 1])
+                    i += 2
                 continue
             if op.type == "linear" and i + 1 < n and ops[i + 1].type == "gelu" and only_consumer(op.output, i + 1, 0):
                 self._add_linear_gelu(op, ops[i + 1], gemm_only)
@@ -1005,15 +1045,18 @@ class _Fused:
             B, T, D = x.shape
             rows = np.ascontiguousarray(x[:, 0, :]) if op.tokens == "first" else x.reshape(B * T, D)
             y = pool.get(rows.shape, np.float32 if f32 else np.int64)
-            no = op.layernorm_into(rows, y)
+            no = op.layernorm_into(rows, y, op.ranges[0])
             vals[op.output] = y.reshape(B, -1, D)
             counts[op.name] = {"acc": 0, "out": int(no), "prob": 0}
         self.steps.append((list(op.inputs), step))
         self.describe.append(f"{op.name}: layernorm -> {'float32' if f32 else 'int64'}")
 
-    def _add_linear_add(self, lin: _Op, add: _Op) -> None:
+    def _add_linear_add(self, lin: _Op, add: _Op, ln: _Op | None = None,
+                        gemm_only: Callable[[str], bool] | None = None) -> None:
         self.gemms.append(lin.gemm)
         pool = self.pool
+        ln_f32 = ln is not None and self._store_f32(ln, gemm_only)
+        lnp = ln.ln_params(ln.ranges[0]) if ln is not None else None
 
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             x = vals[lin.inputs[0]]
@@ -1023,14 +1066,25 @@ class _Fused:
             if skip.shape[:-1] != x.shape[:-1] or skip.shape[-1] != S.shape[2]:
                 raise ValueError(f"op '{add.name}': a and skip differ in shape")
             y = pool.get(skip.shape, np.int64)
-            na, no, nd = K.linear_add_epilogue(S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow,
-                                               skip.reshape(M, -1), add.mult, add.shift_, add.add_off, add.add_corr,
-                                               add.lo, add.hi, add.add_narrow, y.reshape(M, -1), EPI_ROWS_PER_TASK)
+            if ln is None:
+                na, no, nd = K.linear_add_epilogue(S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow,
+                                                   skip.reshape(M, -1), add.mult, add.shift_, add.add_off,
+                                                   add.add_corr, add.lo, add.hi, add.add_narrow, y.reshape(M, -1),
+                                                   EPI_ROWS_PER_TASK)
+            else:
+                z = pool.get((M, skip.shape[-1]), np.float32 if ln_f32 else np.int64)
+                na, no, nd, nl = K.linear_add_ln_epilogue(
+                    S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow, skip.reshape(M, -1), add.mult,
+                    add.shift_, add.add_off, add.add_corr, add.lo, add.hi, add.add_narrow, y.reshape(M, -1),
+                    ln.gmul, ln.gadd, lnp, z, EPI_ROWS_PER_TASK)
+                counts[ln.name] = {"acc": 0, "out": int(nl), "prob": 0}
+                vals[ln.output] = z.reshape(skip.shape)
             counts[lin.name] = {"acc": int(na), "out": int(no), "prob": 0}
             counts[add.name] = {"acc": 0, "out": int(nd), "prob": 0}
             vals[add.output] = y
         self.steps.append(([lin.inputs[0], add.inputs[1]], step))
-        self.describe.append(f"{lin.name}+{add.name}: linear+add [{lin.gemm.route}]")
+        self.describe.append(f"{lin.name}+{add.name}" + (f"+{ln.name}" if ln is not None else "")
+                             + f": linear+add{'+layernorm' if ln is not None else ''} [{lin.gemm.route}]")
 
     def _add_linear_gelu(self, lin: _Op, gelu: _Op, gemm_only: Callable[[str], bool]) -> None:
         self.gemms.append(lin.gemm)
