@@ -7,7 +7,8 @@
 Modules: ``config`` (CalibConfig), ``observers`` (memory-bounded activation samples),
 ``uniform`` (activation / weight quantizers and their searches), ``reparam`` (MOSF / mean
 post-LN reparameterization), ``softmax_search`` (post-softmax quantizer parameters),
-``fixedpoint`` (multiplier / shift), ``export`` (integerization), ``pipeline`` (the driver).
+``fixedpoint`` (multiplier / shift), ``export`` (integerization), ``pipeline`` (the driver),
+``swin`` (timm Swin Transformers: driver and export; ``calibrate`` dispatches to it).
 """
 from .config import CalibConfig
 from .fixedpoint import ExportError

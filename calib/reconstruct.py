@@ -108,10 +108,35 @@ def round_ste(v: torch.Tensor) -> torch.Tensor:
     return v + (torch.floor(v + 0.5) - v).detach()
 
 
+class _LSQ(torch.autograd.Function):
+    """``y = s (clamp(floor(x/s + 1/2) + z, 0, n) - z)`` with the straight-through round:
+    ``dy/dx = 1`` inside the range (0 outside), ``dy/ds = (q - z) - x/s`` inside, ``q - z`` outside
+    (LSQ). One fused pass each way instead of a chain of autograd element-wise ops."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point: int, n: int):
+        v = x / scale
+        r = torch.floor(v + 0.5).add_(zero_point)
+        inside = (r >= 0) & (r <= n)
+        qz = r.clamp_(0, n).sub_(zero_point)          # q - z
+        ctx.save_for_backward(inside, qz, v)
+        return qz * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        inside, qz, v = ctx.saved_tensors
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = (g * torch.where(inside, qz - v, qz)).sum()
+        return gx, gs, None, None
+
+
 def fq_lsq(x: torch.Tensor, scale: torch.Tensor, zero_point: int, bits: int) -> torch.Tensor:
-    """Differentiable fake quantization (LSQ): gradients to ``x`` inside the range and to ``scale``."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, (1 << bits) - 1)
-    return (q - zero_point) * scale
+    """Differentiable fake quantization (LSQ): gradients to ``x`` inside the range and to ``scale``
+    (a 0-dim tensor). Forward values equal ``reference.vit.fake_quant_uniform`` up to the float32
+    rounding of ``scale``."""
+    return _LSQ.apply(x, scale, int(zero_point), (1 << int(bits)) - 1)
 
 
 def rel_err(out: torch.Tensor, target: torch.Tensor, norm: float) -> torch.Tensor:
@@ -217,11 +242,12 @@ class _Round:
         self._base = _t32(self.base)
         self._z = torch.from_numpy(self.z.astype(np.float32))[:, None]
         self._s = _t32(self.wq.scale)[:, None]
+        self._live = torch.from_numpy((~self.zero_row).astype(np.float32))[:, None]   # all-zero rows stay 0
         self.n = n
         self.agree_nearest = float(np.mean(check == self.wq.w))
 
     def h(self) -> torch.Tensor:
-        return torch.clamp(torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+        return torch.clamp(torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0) * self._live
 
     def soft(self) -> torch.Tensor:
         return self._s * (torch.clamp(self._base + self.h() + self._z, 0, self.n) - self._z)

@@ -82,10 +82,11 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def _timeit(f: Callable[[], Any]) -> float:
-    t = time.perf_counter()
+def _timeit(f: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: all its threads)."""
+    t, c = time.perf_counter(), time.process_time()
     f()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def _subprocess_env(threads: int, policy: str) -> dict[str, str]:
@@ -292,15 +293,20 @@ def bench_model(name: str, a: argparse.Namespace, batch_sizes: list[int], repeat
         for f in fns.values():             # warm-up (first calls allocate, load kernels, pack weights)
             f(B)
         times: dict[str, list[float]] = {r: [] for r in fns}
+        cpu: dict[str, list[float]] = {r: [] for r in fns}
         order = list(fns)
         for rnd in range(repeats):
             for r in order[rnd % len(order):] + order[:rnd % len(order)]:
-                times[r].append(_timeit(lambda: fns[r](B)))
+                w, c = _timeit(lambda: fns[r](B))
+                times[r].append(w)
+                cpu[r].append(c)
         for r in fns:
             med = _median(times[r])
             rows[r][str(B)] = {"median_s": med, "images_per_s": B / med, "ms_per_image": 1000 * med / B,
-                               "times_s": times[r],
-                               "speed_vs_torch_f32": _median([tf / tr for tf, tr in zip(times["torch f32"], times[r])])}
+                               "cpu_ms_per_image": 1000 * _median(cpu[r]) / B,
+                               "times_s": times[r], "cpu_s": cpu[r],
+                               "speed_vs_torch_f32": _median([tf / tr for tf, tr in zip(times["torch f32"], times[r])]),
+                               "cpu_speed_vs_torch_f32": _median([tf / tr for tf, tr in zip(cpu["torch f32"], cpu[r])])}
     res["rows"] = rows
 
     # ---- golden (and bit-exactness of the engine on the same images)
@@ -355,16 +361,18 @@ def _fmt_table(res: dict[str, Any], batch_sizes: list[int]) -> str:
     if res.get("calibration_s") is not None:
         lines.append(f"  calibration: {res['calibration_s']:.1f} s")
     lines.append(f"  engine construction {res['engine_build_s'] * 1000:.0f} ms; GEMM routes {res['routes']}")
-    head = f"  {'':<12}" + "".join(f" | B={B:<3} {'img/s':>7} {'ms/img':>8} {'vs f32':>6}" for B in batch_sizes)
+    head = f"  {'':<12}" + "".join(f" | B={B:<3} {'img/s':>6} {'ms/img':>7} {'vs f32':>6} {'cpu':>5}"
+                                       for B in batch_sizes)
     lines.append(head)
     for r, per in res["rows"].items():
         cells = ""
         for B in batch_sizes:
             c = per.get(str(B))
             if c is None:
-                cells += f" | {'':<5} {'-':>7} {'-':>8} {'-':>6}"
+                cells += f" | {'':<5} {'-':>6} {'-':>7} {'-':>6} {'-':>5}"
             else:
-                cells += f" | {'':<5} {c['images_per_s']:7.2f} {c['ms_per_image']:8.1f} {c['speed_vs_torch_f32']:5.2f}x"
+                cells += (f" | {'':<5} {c['images_per_s']:6.2f} {c['ms_per_image']:7.1f} {c['speed_vs_torch_f32']:5.2f}x"
+                          f" {c['cpu_speed_vs_torch_f32']:4.2f}x")
         lines.append(f"  {r:<12}" + cells)
     if "golden" in res:
         g = res["golden"]
@@ -448,8 +456,9 @@ def run(a: argparse.Namespace) -> int:
 
     print(f"intsim bench: threads {a.threads} (numba {env_info['numba_threads']}, layer "
           f"{env_info['numba_threading_layer']}), {policy_note}, load average "
-          f"{env_info['load_average_start'][0]:.1f} -> {env_info['load_average_end'][0]:.1f}; "
-          f"'vs f32' = median over rounds of t(torch f32) / t(row), > 1 is faster than torch f32")
+          f"{env_info['load_average_start'][0]:.1f} -> {env_info['load_average_end'][0]:.1f}\n"
+          f"'vs f32' = median over rounds of wall time t(torch f32) / t(row), > 1 is faster than torch f32; "
+          f"'cpu' = the same ratio of process CPU time (all threads), steadier on a shared machine")
     for name, res in results["models"].items():
         if "error" in res:
             print(f"{name}: error {res['error']}")

@@ -48,6 +48,16 @@ def _positive(v: str) -> int:
     return n
 
 
+def _learning_rate(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), not '{v}'") from None
+    if not 0 < x < 1:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), not {x:g}")
+    return x
+
+
 def _count_or_all(v: str) -> int | None:
     return None if v == "all" else _positive(v)
 
@@ -140,6 +150,19 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
                    help="calibration images: ImageFolder tree or zip (default: the bundled CIFAR-10 "
                         "calibration set; a CIFAR-style zip/tree with train/ uses train/)")
     g.add_argument("--calib-images", type=_positive, default=32, help="number of calibration images (32)")
+    from calib.config import RECON_DEFAULTS as RD
+    r = p.add_argument_group("block reconstruction (optional stage after calibration)")
+    r.add_argument("--reconstruct", action="store_true",
+                   help="after calibration, tune each block (then the patch embedding and the head layer-wise) "
+                        "so that its fake-quant output matches the float model's: activation scales, then the "
+                        "post-LN reparameterization, then the weights' rounding (AdaRound); the program stays an "
+                        "ordinary integer program")
+    r.add_argument("--recon-images", type=_positive, default=RD["recon_images"],
+                   help=f"images for reconstruction, drawn like the calibration images (default {RD['recon_images']})")
+    r.add_argument("--recon-iters", type=_positive, default=RD["recon_iters"],
+                   help=f"optimizer steps per block, all stages together (default {RD['recon_iters']})")
+    r.add_argument("--recon-lr", type=_learning_rate, default=RD["recon_lr"],
+                   help=f"learning rate of the rounding variables; scales use a tenth (default {RD['recon_lr']:g})")
 
 
 def _sweep_doc() -> str:
@@ -186,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive, default=32, help="batch size of every level (32)")
     g.add_argument("--json", metavar="FILE", help="write the report as JSON")
     g.add_argument("--save-program", metavar="FILE", help="also write the calibrated program here")
+    g.add_argument("--logits", metavar="FILE",
+                   help="write every level's logits (npz: float, fakequant, engine_int, golden_int, labels, ids)")
 
     c = sub.add_parser("calibrate", help="calibrate and write the integer program",
                        description="Calibrate the model with DopQ-ViT (or a baseline) and write the integer "
@@ -235,8 +260,11 @@ def _transform(spec):
 
 def _calib_config(a):
     from calib import CalibConfig
+    recon = {}
+    if getattr(a, "reconstruct", False):
+        recon = dict(reconstruct=True, recon_images=a.recon_images, recon_iters=a.recon_iters, recon_lr=a.recon_lr)
     return CalibConfig(wbits=a.wbits or a.bits, abits=a.abits or a.bits, softmax_quant=a.softmax_quant,
-                       ln_rule=a.ln_rule, seed=a.seed, settings=_parse_settings(a.set))
+                       ln_rule=a.ln_rule, seed=a.seed, settings=_parse_settings(a.set), **recon)
 
 
 def _versions() -> dict:
@@ -263,9 +291,29 @@ def _calibrate(a, model, spec, info, cal, progress):
     cfg = _calib_config(a)
     prov = dict(info)
     prov.update(seed=a.seed, calib_source=cal.source, calib_images=cal.ids, versions=_versions())
+    recon = None
+    if cfg.reconstruct:     # drawn from the same source and split as the calibration images
+        from .data import load_images
+        tf, _ = _transform(spec)
+        rs = load_images(a.calib_data, tf, cfg.recon_images, split="calib", seed=a.seed, progress=progress)
+        recon = rs.images
+        prov["recon_images"] = rs.ids
     t0 = time.perf_counter()
-    prog = calibrate(model, cal.images, dc["mean"], dc["std"], cfg, provenance=prov, progress=progress)
-    return prog, time.perf_counter() - t0
+    prog = calibrate(model, cal.images, dc["mean"], dc["std"], cfg, provenance=prov, progress=progress,
+                     recon_images=recon)
+    secs = time.perf_counter() - t0
+    _print_reconstruction(prog)
+    return prog, secs
+
+
+def _print_reconstruction(prog) -> None:
+    rec = _calibration_info(prog).get("reconstruction")
+    if not rec:
+        return
+    units = ", ".join(f"{u['unit'].replace('blocks.', 'b')} {u['calibrated']:.3g}->{u['final']:.3g}"
+                      for u in rec["units"])
+    print(f"reconstruction on {rec['num_images']} images, relative output error per unit "
+          f"(calibrated -> reconstructed): {units}")
 
 
 def cmd_calibrate(a) -> int:
@@ -319,6 +367,7 @@ def cmd_run(a) -> int:
 
     check_writable(a.json, "JSON report")
     check_writable(a.save_program, "program file")
+    check_writable(a.logits, "logits file")
     _parse_settings(a.set)
     progress = not a.no_progress
     calib_s = None
@@ -382,7 +431,30 @@ def cmd_run(a) -> int:
     if a.json:
         write_json_atomic(a.json, report)
         print(f"\nwrote {a.json}")
+    if a.logits:
+        _write_logits(a.logits, evaluation, labels, data.ids, scale)
+        print(f"wrote {a.logits}")
     return 0
+
+
+def _write_logits(path: str, evaluation, labels, ids, scale: float) -> None:
+    import numpy as np
+    arrays = {"labels": labels, "ids": np.array(ids), "logit_scale": np.float64(scale)}
+    for name, r in evaluation.levels.items():
+        if r.int_logits is not None:
+            arrays[f"{name}_int"] = r.int_logits
+        else:
+            arrays[name] = r.logits
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def cmd_inspect(a) -> int:

@@ -53,6 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, help="evaluation images, or 'all' (default: all of --data / bundle)")
     p.add_argument("--calib-data", metavar="PATH")
     p.add_argument("--calib-images", type=int, default=32)
+    from calib.config import RECON_DEFAULTS as RD
+    p.add_argument("--reconstruct", action="store_true",
+                   help="block reconstruction after calibration at every point (calib.reconstruct); such points "
+                        "are keyed with '|recon', so one folder can hold both")
+    p.add_argument("--recon-images", type=int, default=RD["recon_images"],
+                   help=f"reconstruction images ({RD['recon_images']})")
+    p.add_argument("--recon-iters", type=int, default=RD["recon_iters"],
+                   help=f"reconstruction steps per block ({RD['recon_iters']})")
+    p.add_argument("--recon-lr", type=float, default=RD["recon_lr"],
+                   help=f"reconstruction learning rate ({RD['recon_lr']:g})")
     p.add_argument("--golden-images", type=int, default=0, help="golden model on the first N images per point (0)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -92,17 +102,29 @@ def grid(a) -> list[dict]:
             extra_axes.append((k, [int(x) for x in v.split(",")]))
         except ValueError:
             raise UserError(f"--set {k}: values must be integers") from None
+    recon = bool(getattr(a, "reconstruct", False))
+    if recon:
+        from calib import CalibConfig
+        try:
+            CalibConfig(reconstruct=True, recon_images=a.recon_images, recon_iters=a.recon_iters,
+                        recon_lr=a.recon_lr).validate()
+        except ValueError as e:
+            raise UserError(str(e)) from None
     points = []
     for (w, ab), (sq, ln) in itertools.product(wa, methods):
         for combo in itertools.product(*[vals for _, vals in extra_axes]):
             settings = {k: v for (k, _), v in zip(extra_axes, combo)}
-            points.append({"wbits": w, "abits": ab, "softmax_quant": sq, "ln_rule": ln, "settings": settings})
+            p = {"wbits": w, "abits": ab, "softmax_quant": sq, "ln_rule": ln, "settings": settings}
+            if recon:
+                p["reconstruct"] = True
+            points.append(p)
     return points
 
 
 def point_key(p: dict) -> str:
     s = ",".join(f"{k}={v}" for k, v in sorted(p["settings"].items()))
-    return f"W{p['wbits']}A{p['abits']}|{p['softmax_quant']}|{p['ln_rule']}|{s}"
+    recon = "|recon" if p.get("reconstruct") else ""
+    return f"W{p['wbits']}A{p['abits']}|{p['softmax_quant']}|{p['ln_rule']}|{s}{recon}"
 
 
 # ---- worker -------------------------------------------------------------------------------
@@ -124,7 +146,10 @@ def _init_worker(a_dict: dict) -> None:
     n = None if a.images in (None, "all") else int(a.images)
     data = load_images(a.data, tf, n, split="eval", seed=a.seed)
     cal = load_images(a.calib_data, tf, a.calib_images, split="calib", seed=a.seed)
-    _STATE.update(a=a, model=model, spec=spec, info=info, dc=dc, data=data, cal=cal)
+    recon = None
+    if getattr(a, "reconstruct", False):
+        recon = load_images(a.calib_data, tf, a.recon_images, split="calib", seed=a.seed)
+    _STATE.update(a=a, model=model, spec=spec, info=info, dc=dc, data=data, cal=cal, recon=recon)
 
 
 def _float_level():
@@ -143,11 +168,15 @@ def _run_point(p: dict) -> dict:
     from .engine import Engine
     s = _STATE
     a, data = s["a"], s["data"]
+    recon = {}
+    if p.get("reconstruct"):
+        recon = dict(reconstruct=True, recon_images=a.recon_images, recon_iters=a.recon_iters, recon_lr=a.recon_lr)
     cfg = CalibConfig(wbits=p["wbits"], abits=p["abits"], softmax_quant=p["softmax_quant"], ln_rule=p["ln_rule"],
-                      seed=a.seed, settings=p["settings"])
+                      seed=a.seed, settings=p["settings"], **recon)
     t0 = time.perf_counter()
     prog = calibrate(s["model"], s["cal"].images, s["dc"]["mean"], s["dc"]["std"], cfg,
-                     provenance=dict(s["info"], calib_images=s["cal"].ids), progress=False)
+                     provenance=dict(s["info"], calib_images=s["cal"].ids), progress=False,
+                     recon_images=None if s.get("recon") is None else s["recon"].images)
     calib_s = time.perf_counter() - t0
     if "float" not in s:
         s["float"] = _float_level()
@@ -165,6 +194,7 @@ def _run_point(p: dict) -> dict:
     labels = data.labels if len(data.classes) == prog.model.get("num_classes") else None
     rep = ev.compare(evaluation, labels)
     row = {"key": point_key(p), **{k: p[k] for k in GRID_AXES}, "settings": p["settings"],
+           **({"reconstruct": True} if p.get("reconstruct") else {}),
            "calibration_s": round(calib_s, 2), "images": len(data.images)}
     for lvl, r in rep["levels"].items():
         for k, v in r.items():

@@ -141,3 +141,27 @@ def test_not_a_program(capsys, tmp_path):
     p.write_text("hello")
     rc, _, err = run_cli(capsys, "run", "--program", str(p))
     assert rc == 2 and "not a readable program" in err
+
+
+def test_calibrate_then_run_program_reproduces_direct_run(capsys, tmp_path):
+    common = ["--no-progress"]
+    opts = ["--weights", "random", "--seed", "5", "--calib-images", "8"]
+    p1 = tmp_path / "a.intprog"
+    rc, _, err = run_cli(capsys, *common, "calibrate", *opts, "-o", str(p1))
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, *common, "run", *opts, "--images", "6", "--golden-images", "2",
+                         "--save-program", str(tmp_path / "b.intprog"), "--logits", str(tmp_path / "direct.npz"),
+                         "--json", str(tmp_path / "direct.json"))
+    assert rc == 0, err
+    assert p1.read_bytes() == (tmp_path / "b.intprog").read_bytes()      # same seed -> same bytes
+    rc, out, err = run_cli(capsys, *common, "run", "--program", str(p1), "--images", "6", "--golden-images", "2",
+                           "--logits", str(tmp_path / "loaded.npz"))
+    assert rc == 0, err
+    d, l = np.load(tmp_path / "direct.npz"), np.load(tmp_path / "loaded.npz")
+    np.testing.assert_array_equal(d["engine_int"], l["engine_int"])
+    np.testing.assert_array_equal(d["float"], l["float"])
+    rep = json.loads((tmp_path / "direct.json").read_text())
+    assert rep["engine_vs_golden"]["logits_differing"] == 0
+    assert rep["config"]["random_weights"] is True
+    for key in ("agree_float", "cosine_float", "sqnr_float_db"):
+        assert key in rep["levels"]["engine"]

@@ -163,6 +163,16 @@ def test_tiny_swin_engine_equals_golden(bits):
     assert_bit_exact(prog, images(5, seed=2))
 
 
+@pytest.mark.parametrize("kw", [dict(gemm="int", fuse=False), dict(gemm="float")])
+def test_engine_modes_equal_golden(kw):
+    prog = program("A", 4)
+    x = images(2, seed=12)
+    g = golden.run(prog, x)
+    e = Engine(prog, **kw).run(x, batch_size=1)
+    np.testing.assert_array_equal(e.logits, g.logits)
+    assert e.counts == g.counts
+
+
 def test_grid_equal_to_window_and_log2_engine_equals_golden():
     prog = program("B", 4, softmax_quant="log2")
     last = [op for op in prog.ops if op["type"] == "window_attention"][-1]
@@ -252,7 +262,7 @@ def test_calibration_from_saved_swin_checkpoint(tmp_path):
 
 
 def test_window_attention_validation():
-    prog = program("B", 4)
+    prog = program("B", 4, softmax_quant="log2")
     op = next(o for o in prog.ops if o["type"] == "window_attention")
     bad = Program(prog.header, dict(prog.tensors))
     bad.tensors[f"{op['name']}.mask"] = prog.t(op, "mask")[:, :-1]

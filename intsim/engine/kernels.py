@@ -62,18 +62,16 @@ def rdiv(a, b):
 def isqrt(v):
     """Exact ``floor(sqrt(v))`` for ``v >= 0`` by Newton's iteration from an over-estimate.
 
-    The start ``2^ceil(bits(v)/2)`` is above ``sqrt(v)``; from an over-estimate the integer Newton
-    iterates ``x' = (x + v // x) // 2`` decrease strictly until they reach ``floor(sqrt(v))``, so
-    the loop stops as soon as an iterate does not decrease. ``v <= 0`` gives 0.
+    The start ``floor(sqrt_f64(v)) + 2`` is above ``sqrt(v)``: the float64 square root of an int64
+    has a relative error below 2^-51, an absolute error below 2^-19 for v < 2^63, so its floor is
+    at least ``floor(sqrt(v)) - 1``. From an over-estimate (or from ``floor(sqrt(v))`` itself) the
+    integer Newton iterates ``x' = (x + v // x) // 2`` decrease strictly until they reach
+    ``floor(sqrt(v))``, so the loop stops as soon as an iterate does not decrease (one or two
+    steps from this start). ``v <= 0`` gives 0.
     """
     if v <= 0:
         return np.int64(0)
-    bits = np.int64(0)
-    t = v
-    while t > 0:
-        t >>= 1
-        bits += 1
-    x = np.int64(1) << ((bits + 1) // 2)
+    x = np.int64(np.sqrt(np.float64(v))) + 2
     while True:
         y = (x + v // x) >> 1
         if y >= x:
@@ -280,6 +278,7 @@ def linear_gelu_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, table, offset, out
     cnt = np.zeros((ntask, 3), np.int64)
     for tk in prange(ntask):
         buf = np.empty(N, np.int64)
+        idx = np.empty(N, np.int32)
         for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
             _acc_row(S, m, buf)
             na, no = _requant_row(buf, 0, N, cols, zp, 0, acc_lo, acc_hi, narrow)
@@ -288,7 +287,9 @@ def linear_gelu_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, table, offset, out
                 j = buf[n] + offset
                 jj = min(max(j, 0), G - 1)
                 nb += np.int64(jj != j)
-                out[m, n] = table[np.uint64(jj)]
+                idx[n] = np.int32(jj)
+            for n in range(N):                 # the gather on 32-bit indices (a faster loop)
+                out[m, n] = table[np.uint32(idx[n])]
             cnt[tk, 0] += na
             cnt[tk, 1] += no
             cnt[tk, 2] += nb
@@ -297,13 +298,13 @@ def linear_gelu_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, table, offset, out
 
 
 @njit(cache=True, parallel=True)
-def qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh, rows_per_task):
+def qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kh, vh, rows_per_task):
     """The three ``linear`` ops q, k, v (one GEMM over their concatenated weights, N = 3 D) with
     the attention's head split and zero-point centering fused (spec 4.1, 4.4):
 
         y[m, n]  = sat(rq(accsat(bias[n] + S[m, n]), mult[n], shift[n]) + zp[0, n], lo[n], hi[n])
         section s = n // D (q, k, v), channel c = n % D, head h = c // d, r = c % d, b = m // T, t = m % T
-        qh[b, h, t, r] = y - zp_q,   kT[b, h, r, t] = y - zp_k,   vh[b, h, t, r] = y - zp_v
+        qh[b, h, t, r] = y - zp_q,   kh[b, h, t, r] = y - zp_k,   vh[b, h, t, r] = y - zp_v
 
     with ``center[n]`` the zero point of the attention input of the column's section. The outputs
     are float32 (their range was proven to lie within +-2^24). Returns the counts
@@ -334,7 +335,7 @@ def qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh, 
                     qh[b, h, t, r] = np.float32(np.int32(buf[n] - center[n]))
                 for r in range(d):
                     n = ck + np.uint64(r)
-                    kT[b, h, r, t] = np.float32(np.int32(buf[n] - center[n]))
+                    kh[b, h, t, r] = np.float32(np.int32(buf[n] - center[n]))
                 for r in range(d):
                     n = cv + np.uint64(r)
                     vh[b, h, t, r] = np.float32(np.int32(buf[n] - center[n]))
@@ -463,38 +464,58 @@ def _softmax_row(S, g, i, A, acc_lo, acc_hi, score_mult, score_shift, exp_frac_b
     """One score row (see ``attn_softmax``). Returns ``(n_acc, n_prob)``."""
     T = S.shape[2]
     npart = parts.shape[1]
-    ntab = etab.shape[0]
+    ntab = etab.shape[0] - 1          # etab ends with one extra 0 (the value of every gap >= dz)
     nq = thresholds.shape[0]
     emask = (np.int64(1) << exp_frac_bits) - 1
     na = np.int64(0)
     mx = acc_lo
     for j in range(T):
         s = _to_i64(S[g, i, j])
-        na += np.int64(s < acc_lo) + np.int64(s > acc_hi)
-        s = min(max(s, acc_lo), acc_hi)
-        A[j] = s
-        mx = max(mx, s)
+        c = min(max(s, acc_lo), acc_hi)
+        na += np.int64(c != s)
+        A[j] = c
+        mx = max(mx, c)
     Z = np.int64(0)
-    for j in range(T):
-        diff = mx - A[j]
-        if diff < ntab:
-            e = np.int64(etab[np.uint64(diff)])
-        elif diff >= dz:
-            e = np.int64(0)
-        else:
-            u = rq(diff, score_mult, score_shift)
-            ip = u >> exp_frac_bits
-            e = np.int64(0)
-            if ip <= 62:
-                e = rshift(exp_table[u & emask], ip)
-        A[j] = e
-        Z += e
+    if dz <= ntab:
+        # every gap is in the table (gaps >= dz read its final 0): one branch-free lookup
+        for j in range(T):
+            e = np.int64(etab[np.uint64(min(mx - A[j], ntab))])
+            A[j] = e
+            Z += e
+    else:
+        for j in range(T):
+            diff = mx - A[j]
+            if diff < ntab:
+                e = np.int64(etab[np.uint64(diff)])
+            elif diff >= dz:
+                e = np.int64(0)
+            else:
+                u = rq(diff, score_mult, score_shift)
+                ip = u >> exp_frac_bits
+                e = np.int64(0)
+                if ip <= 62:
+                    e = rshift(exp_table[u & emask], ip)
+            A[j] = e
+            Z += e
     inv = rdiv(num, Z)
     npr = np.int64(0)
+    row = np.uint64(i)
+    if ctab.shape[0] > 0 and recip_frac >= 1 and npart == 1:
+        # e >= 0 and inv >= 0: the rounding shift of e * inv (< 2^48) is a logical one
+        g1 = np.uint64(recip_frac)
+        g0 = np.uint64(recip_frac - 1)
+        for j in range(T):
+            x = np.uint64(A[j] * inv)
+            p = np.int64((x >> g1) + ((x >> g0) & np.uint64(1)))
+            pc = min(p, pmax)
+            npr += np.int64(pc != p)
+            P[g, row, j] = parts[np.uint64(ctab[np.uint64(pc)]), 0]
+        return na, npr
     for j in range(T):
         p = rshift(A[j] * inv, recip_frac)
-        npr += np.int64(p > pmax)
-        p = min(p, pmax)
+        pc = min(p, pmax)
+        npr += np.int64(pc != p)
+        p = pc
         if ctab.shape[0] > 0:
             code = np.int64(ctab[np.uint64(p)])
         elif binary != 0:
@@ -533,8 +554,9 @@ def attn_softmax(S, acc_lo, acc_hi, score_mult, score_shift, exp_frac_bits, exp_
     digit's product with V is exact in P's float type).
 
     Two exact lookup tables, computed by the runner from the op's constants, replace per-element
-    work: ``etab[diff]`` is e for the gap ``diff = m - A < len(etab)`` (and e = 0 for
-    ``diff >= dz``, proven by the runner; other gaps are computed as the specification states);
+    work: ``etab[diff]`` is e for the gap ``diff = m - A < len(etab) - 1`` (and e = 0 for
+    ``diff >= dz``, proven by the runner; ``etab`` ends with that 0; other gaps are computed as the
+    specification states);
     ``ctab[p]`` is the code of probability p (when empty: binary search of the sorted thresholds,
     or the literal count when they are not sorted). Returns ``(n_acc, n_prob)``.
     """

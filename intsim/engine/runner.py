@@ -38,24 +38,38 @@ route forced: ``"i8"``, ``"f32"``, ``"f64"`` (a ``ValueError`` when the route is
 Attention
 ---------
 The scores ``A = (q - zp_q)(k - zp_k)^T`` per head (d products) and the decode product
-``O = decode[code] (v - zp_v)`` (T products) are batched BLAS products; the integer softmax
-and threshold encoding between them run per row in a parallel Numba kernel. Bounds, with
-``qmax = max |q - zp_q|`` over the proven range of q (likewise k, v) and ``dmax = max |decode|``:
+``O = decode[code] (v - zp_v)`` (T products) are batched BLAS products (torch.matmul); the
+integer softmax and threshold encoding between them run per row in a parallel Numba kernel, with
+exact lookup tables built at construction (``_softmax_tables``: e by score gap, code by
+probability). Bounds, with ``qmax = max |q - zp_q|`` over the proven range of q (likewise k, v):
 
 * scores in float32 when ``d * qmax * kmax <= 2^24``, else float64 when ``<= 2^53``;
-* decode product in float32 when ``decode`` splits into ``np <= 3`` base-``2^s`` digits
-  (``decode = sum_i digit_i 2^(s i)``, low digits in ``[0, 2^s)``, the top digit signed) with
-  ``T * max|digit_i| * vmax <= 2^24`` for every digit column; the np products are one batched
-  GEMM (the digit matrices stacked along rows) and are recombined in int64. Else float64 when
-  ``T * dmax * vmax <= 2^53``; else the whole op runs in the int64 kernel.
+* decode product: ``R`` = a proven bound of ``sum_j |decode[code[i, j]]|`` over any row, the
+  smaller of ``T * max|decode|`` and the softmax-normalization bound of ``_decode_row_bound``
+  (the probabilities of a row sum to about 2^P, and ``|decode[code(p)]|`` is bounded by an
+  affine function of p). One float32 GEMM when ``R * vmax <= 2^24``; else ``decode`` is split
+  into ``np <= 3`` base-``2^s`` digits (``decode = sum_i digit_i 2^(s i)``, low digits in
+  ``[0, 2^s)``, the top digit signed) with ``T * max|digit_i| * vmax <= 2^24`` per digit, the np
+  products one batched GEMM (digit matrices stacked along rows) recombined in int64; else float64
+  when ``R * vmax <= 2^53``; else the whole op runs in the int64 kernel.
+
+Requantization
+--------------
+``rq(a, m, n) = rshift(a * m, n)`` runs in the kernels either literally or, where the runner
+proved ``|a| <= 2^31``, ``|m| <= 2^31`` and ``0 <= n <= 62`` (``_narrow``), in an offset form
+with one int32 x int32 product and one logical shift (``kernels._requant_row``); LayerNorm uses
+the same form where ``ln_params`` proves its products below 2^62.
 
 Fusion (``Engine.run`` and ``forward(keep=False)``)
 ----------------------------------------------------
 The ViT graph (spec section 6) is executed with fewer passes: q, k, v share one GEMM whose
 epilogue writes the centered head-major operands of the attention products; ``linear -> add``
-(proj, fc2) and ``linear -> gelu`` (fc1) run as one epilogue; codes that feed a GEMM are stored
+(proj, fc2) runs as one epilogue, followed in the same pass by the next ``layernorm`` when it
+reads the sum; ``linear -> gelu`` (fc1) runs as one epilogue; codes that feed a GEMM are stored
 as float32 (exact, their range is within +-2^24). Every op keeps its own saturation counts.
-``forward(keep=True)`` and :func:`run_op` run op by op with int64 values (the same kernels).
+Work buffers come from a pool kept between runs of the same batch shape (fresh large
+allocations page-fault). ``forward(keep=True)`` and :func:`run_op` run op by op with int64
+values (the same kernels). Other op types (e.g. the Swin ops of ``swin_ops.py``) run op by op.
 """
 from __future__ import annotations
 
@@ -382,7 +396,7 @@ class _AttnRoute:
     why: str = ""
 
 
-def _decode_row_bound(decode: np.ndarray, ctab: np.ndarray, T: int, P: int, G: int, tabmax: int) -> int:
+def _decode_row_bound(decode: np.ndarray, thresholds: np.ndarray, T: int, P: int, G: int, tabmax: int) -> int:
     """An upper bound of ``sum_j |decode[code[i, j]]|`` over one softmax row of T tokens, from the
     softmax normalization (the probabilities of a row sum to about 2^P), proven from constants:
 
@@ -390,28 +404,31 @@ def _decode_row_bound(decode: np.ndarray, ctab: np.ndarray, T: int, P: int, G: i
       <= 2^(P+G) / Z + 1/2`` and ``Z = sum_j e_j <= T * max(exp_table)`` (``e <= exp_table`` entry
       for nonnegative tables), so ``SP = sum_j p_j <= 2^P + T * max(exp_table) / 2^(G+1) + T / 2``;
     * for any ``a >= 0``: ``|decode[code(p)]| * 2^16 <= a * p + b`` for every p in ``0 .. 2^P - 1``
-      with ``b = max_p (|decode[code(p)]| * 2^16 - a * p)`` (computed exactly over all p with the
-      code table ``ctab``), hence ``sum_j |decode| <= (a * SP + T * b) / 2^16``.
+      with ``b = max_p (|decode[code(p)]| * 2^16 - a * p)``; code(p) is constant between
+      consecutive thresholds, so that maximum is attained at p = 0 or at a threshold and is
+      computed exactly there. Hence ``sum_j |decode| <= (a * SP + T * b) / 2^16``.
 
     The best of a few slopes a (and the plain ``T * max|decode|``) is returned.
     """
     dmax = int(np.abs(decode).max()) if decode.size else 0
     plain = T * dmax
-    if ctab.size == 0 or G < 1 or tabmax < 0:
+    if G < 1 or tabmax < 0 or P < 1:
         return plain
+    pmax = (1 << P) - 1
     sp = (1 << P) + -(-(T * tabmax) // (1 << (G + 1))) + -(-T // 2)
-    pv = np.arange(ctab.shape[0], dtype=np.int64)
-    dec16 = np.abs(decode.astype(np.int64))[ctab.astype(np.int64)] << 16      # |decode[code(p)]| * 2^16
-    pos = (pv > 0) & (dec16 > 0)
-    if not pos.any():
-        return min(plain, T * (int(dec16.max()) >> 16))
-    ratios = np.unique(-(-dec16[pos] // pv[pos]))                  # ceil(|dec| 2^16 / p) per p: slopes
-    cand = np.unique(np.concatenate([ratios[-1:], np.quantile(ratios, np.linspace(0.5, 1.0, 8), method="higher")]))
+    u = np.sort(np.asarray(thresholds, np.int64))
+    starts = np.unique(np.concatenate([[0], u[(u >= 0) & (u <= pmax)]]))       # left ends of the code intervals
+    codes = np.searchsorted(u, starts, side="right")                              # code(p) = #{thresholds <= p}
+    dec16 = np.abs(np.asarray(decode, np.int64))[codes] << 16
+    pos = (starts > 0) & (dec16 > 0)
+    cand = [0]
+    if pos.any():
+        r = -(-dec16[pos] // starts[pos])                                         # slopes through each start
+        cand += sorted(set(np.quantile(r, np.linspace(0.0, 1.0, 9), method="higher").tolist()))
     best = plain
-    for a in cand.tolist():
-        b = int((dec16 - a * pv).max())
-        bound = -(-(a * sp + T * max(b, 0)) // (1 << 16))
-        best = min(best, bound)
+    for a in cand:
+        b = max(int((dec16 - a * starts).max()), 0)
+        best = min(best, -(-(a * sp + T * b) // (1 << 16)))
     return best
 
 
@@ -494,7 +511,8 @@ def _softmax_tables(exp_table: np.ndarray, score_mult: int, score_shift: int, E:
 
     ``etab[diff]`` (int32) is ``e`` for the score gap ``diff = m - A`` (spec 4.4: ``u = rq(diff,
     score_mult, score_shift)``, ``e = rshift(exp_table[u & (2^E - 1)], u >> E)`` or 0 beyond shift
-    62), computed here with the same integer formulas for the gaps ``0 .. len(etab) - 1``.
+    62), computed here with the same integer formulas for the gaps ``0 .. len(etab) - 2``; the last
+    entry is 0 (the value of every gap ``>= dz``).
     ``dz``: every gap ``>= dz`` has ``e = 0``. Proof: with ``score_mult >= 0`` u is nondecreasing in
     the gap; with ``0 <= exp_table < 2^b`` every ``u >= (b + 1) * 2^E`` has ``ip = u >> E >= b + 1``
     and ``rshift(t, ip) = (t >> ip) + bit ip-1 of t = 0`` for ``t < 2^(ip-1)`` (and ``ip > 62`` gives
@@ -526,7 +544,7 @@ def _softmax_tables(exp_table: np.ndarray, score_mult: int, score_shift: int, E:
     e = np.where(ip <= 62, _np_rshift(tab[u & ((1 << E) - 1)], np.minimum(ip, 62)), 0)
     if e.size and (int(e.min()) < -(2 ** 31) or int(e.max()) >= 2 ** 31):
         e = e[:0]                                      # not representable in int32: no table
-    etab = np.ascontiguousarray(e, dtype=np.int32)
+    etab = np.ascontiguousarray(np.concatenate([e, [0]]), dtype=np.int32)     # + the 0 of gaps >= dz
     if P <= MAX_CTAB_BITS and thresholds.shape[0] < 2 ** 15:
         ctab = np.searchsorted(np.sort(thresholds), np.arange(1 << P, dtype=np.int64), side="right").astype(np.int16)
     else:
@@ -695,7 +713,7 @@ class _Op:
             qmax = max(abs(qr[0] - self.zp_q), abs(qr[1] - self.zp_q))
             kmax = max(abs(kr[0] - self.zp_k), abs(kr[1] - self.zp_k))
             vmax = max(abs(vr[0] - self.zp_v), abs(vr[1] - self.zp_v))
-            rb = _decode_row_bound(self.decode, self.ctab, T, self.prob_bits, self.recip_frac,
+            rb = _decode_row_bound(self.decode, self.thresholds, T, self.prob_bits, self.recip_frac,
                                    int(self.exp_table.max()) if int(self.exp_table.min()) >= 0 else -1) \
                 if USE_ROW_BOUND else None
             r = _attn_route(self.mode, d, T, qmax, kmax, vmax, self.decode, self.name, rb)
@@ -807,10 +825,10 @@ class _Op:
         lnp = self.ln_params(xr if xr is not None else _data_range(rows))
         return K.layernorm_rows(rows, self.gmul, self.gadd, lnp, out, EPI_ROWS_PER_TASK)
 
-    def attention_core(self, qh: np.ndarray, kT: np.ndarray, vh: np.ndarray, route: _AttnRoute,
+    def attention_core(self, qh: np.ndarray, kh: np.ndarray, vh: np.ndarray, route: _AttnRoute,
                        out: np.ndarray, pool: "_Pool | None" = None) -> dict[str, int]:
         """The float route of spec 4.4 on centered head-major operands: ``qh`` (B, H, T, d),
-        ``kT`` (B, H, d, T), ``vh`` (B, H, T, d), float32 (exact by the route's proof);
+        ``kh`` (B, H, T, d), ``vh`` (B, H, T, d), float32 (exact by the route's proof);
         writes ``out`` (B, T, H * d) (float32 codes or int64)."""
         torch = _torch()
         B, H, T, d = qh.shape
@@ -819,10 +837,11 @@ class _Op:
         npart = route.parts.shape[1]
         if route.score_dtype == np.float32:
             S = get((G, T, T), np.float32)
-            torch.matmul(torch.from_numpy(qh.reshape(G, T, d)), torch.from_numpy(kT.reshape(G, d, T)),
+            torch.matmul(torch.from_numpy(qh.reshape(G, T, d)), torch.from_numpy(kh.reshape(G, T, d)).transpose(1, 2),
                          out=torch.from_numpy(S))
         else:
-            S = torch.matmul(torch.from_numpy(qh).double(), torch.from_numpy(kT).double()).numpy().reshape(G, T, T)
+            S = torch.matmul(torch.from_numpy(qh).double(),
+                             torch.from_numpy(kh).double().transpose(2, 3)).numpy().reshape(G, T, T)
         P = get((G, npart * T, T), route.pv_dtype)
         na1, npr = K.attn_softmax(S, self.acc_lo, self.acc_hi, self.score_mult, self.score_shift,
                                   self.exp_frac_bits, self.exp_table, self.etab, self.dz, self.prob_bits,
@@ -861,10 +880,10 @@ class _Op:
             return (z - zp).reshape(B, T, H, d).transpose(0, 2, 1, 3)
 
         qh = np.ascontiguousarray(heads(q, self.zp_q), dtype=np.float32)
-        kT = np.ascontiguousarray(heads(k, self.zp_k).transpose(0, 1, 3, 2), dtype=np.float32)
+        kh = np.ascontiguousarray(heads(k, self.zp_k), dtype=np.float32)
         vh = np.ascontiguousarray(heads(v, self.zp_v), dtype=np.float32)
         y = np.empty((B, T, D), np.int64)
-        c = self.attention_core(qh, kT, vh, route, y)
+        c = self.attention_core(qh, kh, vh, route, y)
         return y, c
 
     def attention_int(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
@@ -1153,9 +1172,9 @@ class _Fused:
             route = at.attn_route(T, qr, kr, vr, d)
             S = gemm(x.reshape(-1, gemm.K))
             qh = pool.get((B, H, T, d), np.float32)
-            kT = pool.get((B, H, d, T), np.float32)
+            kh = pool.get((B, H, T, d), np.float32)
             vh = pool.get((B, H, T, d), np.float32)
-            c = K.qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kT, vh, EPI_ROWS_PER_TASK)
+            c = K.qkv_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, center, T, H, qh, kh, vh, EPI_ROWS_PER_TASK)
             del S
             for j, l_ in enumerate((lq, lk, lv)):
                 counts[l_.name] = {"acc": int(c[2 * j]), "out": int(c[2 * j + 1]), "prob": 0}
@@ -1163,13 +1182,13 @@ class _Fused:
             if route.route == "int":
                 # the int64 kernel on the (uncentered) codes
                 qi = (qh.transpose(0, 2, 1, 3).reshape(B, T, D).astype(np.int64) + at.zp_q)
-                ki = (kT.transpose(0, 3, 1, 2).reshape(B, T, D).astype(np.int64) + at.zp_k)
+                ki = (kh.transpose(0, 2, 1, 3).reshape(B, T, D).astype(np.int64) + at.zp_k)
                 vi = (vh.transpose(0, 2, 1, 3).reshape(B, T, D).astype(np.int64) + at.zp_v)
                 yi, cc = at.attention_int(qi, ki, vi)
                 y[...] = yi
             else:
-                cc = at.attention_core(qh, kT, vh, route, y, pool)
-            pool.put(qh, kT, vh)
+                cc = at.attention_core(qh, kh, vh, route, y, pool)
+            pool.put(qh, kh, vh)
             counts[at.name] = cc
             vals[at.output] = y
         self.steps.append(([lq.inputs[0]], step))
