@@ -8,7 +8,7 @@ from program.format import DEFAULT_SETTINGS
 from program.quantizers import TYPES as SOFTMAX_TYPES
 
 LN_RULES = ("mosf", "mean")
-RECON_DEFAULTS: dict[str, Any] = {"recon_images": 256, "recon_iters": 400, "recon_lr": 1e-2, "recon_batch": 32}
+RECON_DEFAULTS: dict[str, Any] = {"recon_images": 256, "recon_iters": 500, "recon_lr": 0.3, "recon_batch": 16}
 RECON_FIELDS = tuple(["reconstruct", *RECON_DEFAULTS])
 
 

@@ -71,7 +71,7 @@ from .state import BlockCalib, LinearCalib, LNCalib, ModelCalib
 from .uniform import SHRINK, ActQuant, WeightQuant, absmax_scale, params_from_range, quantize_weight
 
 ZETA, GAMMA = 1.1, -0.1          # rectified sigmoid stretch (AdaRound)
-REG_WEIGHT = 0.01                # lambda of the rounding regularizer
+REG_WEIGHT = 1.0                 # lambda of the rounding regularizer (the loss is a relative error)
 REG_WARMUP = 0.2                 # fraction of the weight stage without regularizer
 BETA = (20.0, 2.0)               # annealing of the regularizer's exponent
 STAGE_SPLIT = (0.25, 0.25, 0.5)  # fractions of recon_iters: activations, MOSF, weights
@@ -101,11 +101,6 @@ def _t32(a) -> torch.Tensor:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).numpy()
-
-
-def round_ste(v: torch.Tensor) -> torch.Tensor:
-    """Round half up (``floor(v + 1/2)``) forward, identity backward."""
-    return v + (torch.floor(v + 0.5) - v).detach()
 
 
 class _LSQ(torch.autograd.Function):
@@ -534,7 +529,8 @@ def reconstruct_patch(params: ViTParams, patch: LinearCalib, images: np.ndarray,
 
 
 def reconstruct_head(params: ViTParams, mc: ModelCalib, x_q: torch.Tensor, target: torch.Tensor, wbits: int,
-                     iters: int, lr: float, batch: int, seed: int, postfix=None) -> tuple[LNCalib, LinearCalib, UnitLog]:
+                     iters: int, lr: float, batch: int, seed: int,
+                     postfix=None) -> tuple[LNCalib, LinearCalib, UnitLog]:
     """Layer-wise reconstruction of the final LayerNorm's quantizer / reparameterization and the head
     from the class tokens ``x_q`` (N, 1, D) of the quantized path against the float logits (N, C)."""
     t0 = time.perf_counter()

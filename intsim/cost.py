@@ -50,20 +50,27 @@ def op_cost(prog, op) -> dict:
         if typ == "patch_embed":
             c["table_bits"] = _numel(prog.t(op, "pos").shape) * out["bits"]
         c["datapath_bits"] = A + B
-    elif typ == "attention":
+    elif typ in ("attention", "window_attention"):
         q = vals[op["inputs"][0]]
         t, d_model = q["shape"]
         heads = op["attrs"]["heads"]
         d = d_model // heads
+        # plain attention: one T x T score matrix per head; windowed: nW windows of n x n
+        pairs = t * t
+        if typ == "window_attention":
+            n_win, n_tok = prog.t(op, "tokens").shape
+            pairs = n_win * n_tok * n_tok
         ab = s["abits"]
         L, E, X, P = op["attrs"]["decode_bits"], op["attrs"]["exp_frac_bits"], op["attrs"]["exp_bits"], op["attrs"]["prob_bits"]
         n_codes = len(prog.t(op, "thresholds"))
-        score_macs = heads * t * t * d
-        pv_macs = heads * t * t * d
+        score_macs = heads * pairs * d
+        pv_macs = heads * pairs * d
         c["macs"][f"{ab}x{ab}"] = score_macs
         c["macs"][f"{L + 1}x{ab}"] = pv_macs
         c["bops"] = score_macs * ab * ab + pv_macs * (L + 1) * ab
         c["table_bits"] = (2 ** E) * (X + 1) + n_codes * P + (n_codes + 1) * (L + 1)
+        if typ == "window_attention":   # relative position bias table at accumulator width, 1-bit mask
+            c["table_bits"] += prog.t(op, "bias_table").size * A + prog.t(op, "mask").size
         c["datapath_bits"] = 64 if P + op["attrs"]["recip_frac"] > 31 else 32
     elif typ == "layernorm":
         d = vals[op["inputs"][0]]["shape"][1]
@@ -95,6 +102,9 @@ def _peak_activation_bits(prog) -> tuple[int, str]:
         if op["type"] == "attention":
             t = vals[op["inputs"][0]]["shape"][0]
             scratch = t * t * op["attrs"]["prob_bits"]
+        elif op["type"] == "window_attention":
+            n_tok = prog.t(op, "tokens").shape[1]
+            scratch = n_tok * n_tok * op["attrs"]["prob_bits"]
         total = sum(live.values()) + scratch
         if total > peak:
             peak, where = total, op["name"]

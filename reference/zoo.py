@@ -15,6 +15,7 @@ allows), or seeded random weights with ``weights="random"``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -167,6 +168,11 @@ def load_model(name: str, *, weights: str = "pretrained", checkpoint: str | None
             raise UserError(f"the bundled weights {path} are missing; reinstall intsim")
         load_checkpoint(model, path, spec)
         info.update(weights="bundled", checkpoint=path.name, checkpoint_sha256=_sha256(path))
+        record = path.with_suffix(".json")
+        if record.is_file():
+            r = json.loads(record.read_text())
+            info["training"] = {k: r.get(k) for k in ("epochs_done", "epochs_planned", "complete",
+                                                      "test_top1_full_10k", "training_minutes")}
     else:
         model = _timm_pretrained(spec)
         info.update(weights="timm-pretrained", tag=model.pretrained_cfg.get("tag"),

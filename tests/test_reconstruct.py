@@ -7,7 +7,6 @@ import torch
 
 from calib import CalibConfig, calibrate
 from calib import reconstruct as R
-from calib.export import build_program
 from calib.pipeline import calibrate_params, quantized_block_forward
 from calib.uniform import quantize_weight
 from intsim.engine import Engine
@@ -132,7 +131,8 @@ def test_options_are_validated(kw, match):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--recon-iters", "0"], "positive"), (["--recon-lr", "0"], "learning rate"), (["--recon-lr", "x"], "learning rate"),
+    (["--recon-iters", "0"], "positive"), (["--recon-lr", "0"], "learning rate"),
+    (["--recon-lr", "x"], "learning rate"),
     (["--recon-images", "-1"], "positive")])
 def test_cli_rejects_bad_options(capsys, tmp_path, args, match):
     from intsim.cli import main

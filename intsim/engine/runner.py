@@ -1237,6 +1237,12 @@ class Engine:
     fastest provably exact route per layer), ``"float"``, ``"int"``, or one forced route
     ``"i8"``/``"f32"``/``"f64"``. ``fuse=False`` runs op by op (int64 values) also in :meth:`run`.
     ``f32_max_k`` caps the float32 K-chunk width (to test chunking).
+
+    Threads: the Numba kernels use ``numba.get_num_threads()`` and the BLAS products torch's
+    ``torch.get_num_threads()`` of the calling thread/process; results do not depend on either.
+    On a machine shared with other busy processes set ``OMP_WAIT_POLICY=PASSIVE`` before torch
+    and Numba load OpenMP (spinning workers slow every parallel region). One run at a time per
+    Engine (its work buffers are reused between runs).
     """
 
     def __init__(self, program: Program, *, gemm: str = "auto", fuse: bool = True, f32_max_k: int | None = None):
@@ -1275,6 +1281,10 @@ class Engine:
     def forward(self, images: np.ndarray, keep: bool = False
                 ) -> tuple[np.ndarray, dict[str, dict[str, int]], dict[str, np.ndarray]]:
         """One batch: returns (output value, counts per op, all values if ``keep`` else {})."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 and images.size and (images.dtype.kind not in "iu" or images.min() < 0
+                                                           or images.max() > 255):
+            raise TypeError("images must be integer pixels 0..255 (the proven input range of the engine)")
         with _F32MatmulPrecision():
             if not keep and self._fused is not None:
                 out, counts = self._fused.run(images)

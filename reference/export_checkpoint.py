@@ -1,0 +1,62 @@
+"""Export a training run's weights as the bundled checkpoint, with its record next to it.
+
+    python -m reference.export_checkpoint runs/cifar [--from last.pt] [--out intsim/assets]
+
+Writes ``cifar10_vit_d6.safetensors`` (fp16 state dict) and ``cifar10_vit_d6.json`` (recipe,
+seed, epochs done of the planned ones, training time and the per-epoch test accuracy, all read
+from the run's ``last.pt`` and ``log.jsonl``), both atomically. It states whether the run was
+complete: an interim checkpoint is labelled as such.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import cifar_model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="training run folder (holds last.pt and log.jsonl)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "intsim" / "assets"))
+    a = ap.parse_args(argv)
+    run, out = Path(a.run), Path(a.out)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    planned = state["args"]["epochs"]
+    done = state["epoch"]
+    log = [r for r in log if r["epoch"] <= done]
+    sd = {k: v.detach().half().contiguous() for k, v in state["model"].items()}
+    record = {
+        "model": cifar_model.NAME,
+        "architecture": cifar_model.CONFIG,
+        "data_config": cifar_model.DATA_CONFIG,
+        "recipe": {k: v for k, v in state["args"].items() if k not in ("data", "out", "cache", "resume", "device")},
+        "command": "python -m reference.train_cifar --data cifar10-jpeg.zip --out runs/cifar",
+        "epochs_done": done,
+        "epochs_planned": planned,
+        "complete": done >= planned,
+        "training_minutes": round(state["elapsed"] / 60, 1),
+        "test_top1_full_10k": log[-1]["test_top1"] if log else None,
+        "log": log,
+        "weights_dtype": "float16",
+    }
+    tmp = out / f".{cifar_model.NAME}.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"model": cifar_model.NAME, "epochs_done": str(done)})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out / f"{cifar_model.NAME}.safetensors")
+    (out / f".{cifar_model.NAME}.json.tmp").write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(out / f".{cifar_model.NAME}.json.tmp", out / f"{cifar_model.NAME}.json")
+    state_word = "complete" if record["complete"] else f"INTERIM ({done} of {planned} epochs)"
+    print(f"wrote {out / (cifar_model.NAME + '.safetensors')}: {state_word}, "
+          f"test top-1 {record['test_top1_full_10k']}, {record['training_minutes']} min of training")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
