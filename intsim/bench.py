@@ -175,6 +175,9 @@ print(json.dumps(dict(first_batch_s=t_first, batch={batch}, rss_setup_mb=rss_bef
 
 
 def _model_shape(model: Any) -> dict[str, int]:
+    if not hasattr(model, "blocks"):       # Swin: stages of blocks, no single width
+        return dict(embed_dim=int(model.embed_dim), depth=sum(len(stage.blocks) for stage in model.layers),
+                    classes=int(model.num_classes))
     blk = model.blocks[0]
     D = int(model.embed_dim)
     return dict(embed_dim=D, heads=int(blk.attn.num_heads), depth=len(model.blocks),
