@@ -542,7 +542,13 @@ def cmd_plot(a) -> int:
     return plots.run(a)
 
 
-COMMANDS = {"vectors": cmd_vectors, "plot": cmd_plot, "sweep": cmd_sweep, "run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle}
+def cmd_bench(a) -> int:
+    from . import bench
+    return bench.run(a)
+
+
+COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "sweep": cmd_sweep,
+            "bench": cmd_bench, "vectors": cmd_vectors, "plot": cmd_plot, "bundle": cmd_bundle}
 
 
 def main(argv: list[str] | None = None) -> int:

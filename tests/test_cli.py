@@ -165,3 +165,10 @@ def test_calibrate_then_run_program_reproduces_direct_run(capsys, tmp_path):
     assert rep["config"]["random_weights"] is True
     for key in ("agree_float", "cosine_float", "sqnr_float_db"):
         assert key in rep["levels"]["engine"]
+
+
+def test_every_subcommand_is_dispatched():
+    from intsim.cli import COMMANDS, build_parser
+    ap = build_parser()
+    sub = next(a for a in ap._actions if a.dest == "cmd")
+    assert set(sub.choices) == set(COMMANDS)
