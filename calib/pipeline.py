@@ -14,7 +14,9 @@ Order of work (only the residual entering the current block, (N, T, D) float32, 
    statistics see the quantization error of earlier blocks, as in RepQ-ViT's one-pass
    initialization) or its float output;
 4. final LayerNorm (class token) reparameterized into the head; head weights; logit scale;
-5. export (``calib.export.build_program``).
+5. optionally (``config.reconstruct``) block-wise reconstruction of the calibrated numbers on the
+   reconstruction images (:mod:`calib.reconstruct`);
+6. export (``calib.export.build_program``).
 """
 from __future__ import annotations
 

@@ -282,7 +282,8 @@ class UnitLog:
 def _optimize(loss_fn: Callable[[torch.Tensor, int], torch.Tensor], groups: list[dict], iters: int, n: int,
               batch: int, gen: torch.Generator, cosine: bool, postfix: Callable[[str], None] | None,
               label: str) -> None:
-    """Adam over ``groups`` for ``iters`` steps; ``loss_fn(batch indices, step)``."""
+    """Adam over ``groups`` for ``iters`` steps; ``loss_fn(batch indices, step)`` returns the loss to
+    minimize and the reconstruction error shown in the progress readout."""
     if iters <= 0 or not any(p.requires_grad for g in groups for p in g["params"]):
         return
     opt = torch.optim.Adam(groups)
@@ -291,12 +292,12 @@ def _optimize(loss_fn: Callable[[torch.Tensor, int], torch.Tensor], groups: list
     for step in range(iters):
         idx = torch.randint(0, n, (min(batch, n),), generator=gen)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(idx, step)
+        loss, rec = loss_fn(idx, step)
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        lv = float(loss.detach())
+        lv = float(rec.detach())
         run = lv if run is None else 0.9 * run + 0.1 * lv
         if postfix is not None and (step % 20 == 0 or step == iters - 1):
             postfix(f"{label} {step + 1}/{iters} loss {run:.4g}")
@@ -431,7 +432,8 @@ def reconstruct_block(bp: BlockParams, bc: BlockCalib, index: int, heads: int, e
     log.calibrated = best_err = exact(bc)
 
     def batch_loss(idx, step):
-        return rel_err(blk.forward(x_q[idx]), target[idx], norm)
+        rec = rel_err(blk.forward(x_q[idx]), target[idx], norm)
+        return rec, rec
 
     # stage 1: activation scales with float weights
     acts = blk.act_params()
@@ -460,11 +462,11 @@ def reconstruct_block(bp: BlockParams, bc: BlockCalib, index: int, heads: int, e
             p.requires_grad_(False)
 
         def w_loss(idx, step):
-            loss = batch_loss(idx, step)
+            loss, rec = batch_loss(idx, step)
             beta = _beta(step, n_w)
             if beta is not None:
                 loss = loss + REG_WEIGHT * sum(r.reg(beta) for r in rounds) / len(rounds)
-            return loss
+            return loss, rec
 
         _optimize(w_loss, [{"params": [r.V for r in rounds], "lr": lr}], n_w, N, batch, gen, False, postfix,
                   f"b{index} w")
@@ -512,9 +514,9 @@ def reconstruct_patch(params: ViTParams, patch: LinearCalib, images: np.ndarray,
     rows = max(batch, 1) * (X.shape[0] // max(1, images.shape[0]))   # a batch of images' worth of patches
 
     def loss(idx, step):
-        l = rel_err(X[idx] @ r.soft().T, target[idx], norm)
+        rec = rel_err(X[idx] @ r.soft().T, target[idx], norm)
         beta = _beta(step, n_w)
-        return l if beta is None else l + REG_WEIGHT * r.reg(beta)
+        return (rec if beta is None else rec + REG_WEIGHT * r.reg(beta)), rec
 
     _optimize(loss, [{"params": [r.V], "lr": lr}], n_w, X.shape[0], rows, gen, False, postfix, "patch w")
     wq = r.result()
@@ -565,7 +567,8 @@ def reconstruct_head(params: ViTParams, mc: ModelCalib, x_q: torch.Tensor, targe
         return F.linear(ln.act(layer_norm(xb, g, b, eps)), W, bb)[:, 0]
 
     def loss(idx, step):
-        return rel_err(forward(x_q[idx]), target[idx], norm)
+        rec = rel_err(forward(x_q[idx]), target[idx], norm)
+        return rec, rec
 
     gen = _rng(seed, "recon/head")
     n_act, n_mosf, n_w = _stage_iters(iters)
@@ -592,9 +595,9 @@ def reconstruct_head(params: ViTParams, mc: ModelCalib, x_q: torch.Tensor, targe
             p.requires_grad_(False)
 
         def w_loss(idx, step):
-            l = loss(idx, step)
+            rec = loss(idx, step)[1]
             beta = _beta(step, n_w)
-            return l if beta is None else l + REG_WEIGHT * r.reg(beta)
+            return (rec if beta is None else rec + REG_WEIGHT * r.reg(beta)), rec
 
         _optimize(w_loss, [{"params": [r.V], "lr": lr}], n_w, N, batch, gen, False, postfix, "head w")
         cand = (ln.result(), LinearCalib(weight=r.result(), bias=np.asarray(bb, np.float64)))

@@ -491,9 +491,10 @@ def cmd_inspect(a) -> int:
     cal = _calibration_info(prog)
     if cal:
         print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items() if not isinstance(v, (list, dict))))
+        _print_reconstruction(prog)
     prov = h["provenance"]
     print("provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items()
-                                     if k not in ("calib_images", "versions", "calibration")))
+                                     if k not in ("calib_images", "recon_images", "versions", "calibration")))
     if "versions" in prov:
         print("versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()))
     rows = []
