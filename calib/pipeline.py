@@ -208,6 +208,9 @@ def calibrate(model, images, mean, std, config: CalibConfig | None = None, prove
     """
     from reference.swin import is_swin
     if is_swin(model):                     # timm SwinTransformer: calib/swin.py (same arguments, same result type)
+        if config is not None and config.reconstruct:
+            raise ValueError("block reconstruction (reconstruct=True) is implemented for ViT / DeiT models only, "
+                             "not for Swin")
         from .swin import calibrate as calibrate_swin
         return calibrate_swin(model, images, mean, std, config, provenance, progress)
     config = config or CalibConfig()

@@ -308,6 +308,9 @@ def _calibrate(a, model, spec, info, cal, progress):
     prov.update(seed=a.seed, calib_source=cal.source, calib_images=cal.ids, versions=_versions())
     recon = None
     if cfg.reconstruct:     # drawn from the same source and split as the calibration images
+        from reference.swin import is_swin
+        if is_swin(model):
+            raise UserError("--reconstruct is implemented for ViT / DeiT models only, not for Swin")
         from .data import load_images
         tf, _ = _transform(spec)
         rs = load_images(a.calib_data, tf, cfg.recon_images, split="calib", seed=a.seed, progress=progress)

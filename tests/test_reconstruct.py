@@ -213,3 +213,11 @@ def test_rounding_variables_start_at_calibration_and_harden_to_floor_or_ceil(bit
     soft = r.soft().detach().double().numpy()
     hard = out.dequant()
     np.testing.assert_allclose(soft, hard, rtol=1e-6, atol=1e-6 * np.abs(hard).max())
+
+
+def test_swin_is_refused_with_a_clear_message():
+    from timm.models.swin_transformer import SwinTransformer
+    swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(1,), num_heads=(2,),
+                           num_classes=5).eval()
+    with pytest.raises(ValueError, match="Swin"):
+        calibrate(swin, images(4), MEAN, STD, CalibConfig(reconstruct=True), progress=False)
