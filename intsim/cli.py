@@ -185,6 +185,11 @@ def _vectors_doc() -> str:
     return vectors.__doc__
 
 
+def _clipping_doc() -> str:
+    from . import clipping
+    return clipping.__doc__
+
+
 def _plots_doc() -> str:
     from . import plots
     return plots.__doc__
@@ -249,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description=_plots_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
     from .plots import add_arguments as _plot_args
     _plot_args(pl)
+
+    cl = sub.add_parser("clipping", help="zero the post-softmax values nearest 0 or nearest 1: which ones matter?",
+                        description=_clipping_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .clipping import add_arguments as _clipping_args
+    _clipping_args(cl)
 
     be = sub.add_parser("bench", help="speed and memory of every level against torch, as ratios",
                         description=_bench_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -380,7 +390,7 @@ def cmd_run(a) -> int:
     from reference.zoo import DEFAULT_MODEL, load_model
 
     from . import evaluate as ev
-    from .data import load_images
+    from .data import open_images
     from .engine import Engine
 
     check_writable(a.json, "JSON report")
@@ -399,29 +409,33 @@ def cmd_run(a) -> int:
     n_images = a.images if a.images is not None else (2000 if tf.size <= 64 else 128)
     if a.images is None and a.data is not None:
         n_images = None
-    # Read every input before the long work, so bad data fails in seconds.
-    data = load_images(a.data, tf, n_images, split="eval", seed=a.seed, progress=progress)
-    imgs, labels = data.images, data.labels
+    # List every input (and decode the first image) before the long work, so bad data fails in
+    # seconds; the images themselves are decoded chunk by chunk during the evaluation.
+    data = open_images(a.data, tf, n_images, split="eval", seed=a.seed)
+    labels = data.labels
     if not a.program:
         cal = _load_calib_images(a, spec, progress)
         prog, calib_s = _calibrate(a, model, spec, info, cal, progress)
         if a.save_program:
             save(prog, a.save_program)
-    n_golden = len(imgs) if a.golden_images is None else min(a.golden_images, len(imgs))
+    n_golden = len(data) if a.golden_images is None else min(a.golden_images, len(data))
 
-    evaluation = ev.Evaluation()
-    evaluation.levels["float"] = ev.run_float(model, imgs, dc["mean"], dc["std"], a.batch_size, progress)
     fq = FakeQuantViT(prog)
-    evaluation.levels["fakequant"] = ev.run_fakequant(fq, imgs, a.batch_size, progress)
     scale = float(prog.values[prog.output]["scale"])
     t0 = time.perf_counter()
     engine = Engine(prog)
     engine_setup_s = time.perf_counter() - t0
-    evaluation.levels["engine"] = ev.run_integer(lambda x: engine.run(x, batch_size=a.batch_size), imgs, scale,
-                                                 a.batch_size, "engine", progress)
-    if n_golden > 0:
-        evaluation.levels["golden"] = ev.run_integer(lambda x: golden_run(prog, x), imgs[:n_golden], scale,
-                                                     a.batch_size, "golden", progress)
+    bs = a.batch_size
+    levels = {
+        "float": lambda x: ev.run_float(model, x, dc["mean"], dc["std"], bs, False),
+        "fakequant": lambda x: ev.run_fakequant(fq, x, bs, False),
+        "engine": lambda x: ev.run_integer(lambda y: engine.run(y, batch_size=bs), x, scale, bs, "engine", False),
+        "golden": lambda x: ev.run_integer(lambda y: golden_run(prog, y), x, scale, bs, "golden", False),
+    }
+    evaluation = ev.evaluate_stream(data, levels, chunk=max(bs, 256), limits={"golden": n_golden},
+                                    progress=progress)
+    if n_golden == 0:
+        evaluation.levels.pop("golden", None)
     report = ev.compare(evaluation, labels if len(data.classes) == prog.model.get("num_classes") else None)
     s = prog.settings
     report["config"] = {
@@ -432,7 +446,7 @@ def cmd_run(a) -> int:
         "softmax_quant": _calibration_info(prog).get("softmax_quant"),
         "ln_rule": _calibration_info(prog).get("ln_rule"),
         "settings": s, "program": a.program, "seed": a.seed,
-        "eval_source": data.source, "eval_images": len(imgs), "golden_images": n_golden,
+        "eval_source": data.source, "eval_images": len(data), "golden_images": n_golden,
         "labels": report["levels"]["float"].get("top1") is not None,
     }
     report["timing"] = {"calibration_s": calib_s, "engine_setup_s": engine_setup_s}
@@ -441,7 +455,7 @@ def cmd_run(a) -> int:
           + ("  [RANDOM WEIGHTS: structural study, accuracy is meaningless]" if info.get("weights") == "random"
              else ""))
     print(f"W{s['wbits']}A{s['abits']}, post-softmax {report['config']['softmax_quant']}, post-LN rule "
-          f"{report['config']['ln_rule']}; {len(imgs)} images from {data.source}"
+          f"{report['config']['ln_rule']}; {len(data)} images from {data.source}"
           + (f"; calibration {calib_s:.1f} s" if calib_s is not None else f"; program {a.program}"))
     tr = info.get("training")
     if tr and not tr.get("complete"):
@@ -546,13 +560,19 @@ def cmd_plot(a) -> int:
     return plots.run(a)
 
 
+def cmd_clipping(a) -> int:
+    from . import clipping
+    return clipping.run(a)
+
+
 def cmd_bench(a) -> int:
     from . import bench
     return bench.run(a)
 
 
 COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "sweep": cmd_sweep,
-            "bench": cmd_bench, "vectors": cmd_vectors, "plot": cmd_plot, "bundle": cmd_bundle}
+            "bench": cmd_bench, "vectors": cmd_vectors, "plot": cmd_plot, "bundle": cmd_bundle,
+            "clipping": cmd_clipping}
 
 
 def main(argv: list[str] | None = None) -> int:

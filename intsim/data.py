@@ -141,17 +141,68 @@ def _pick(items: list[tuple[str, int]], n: int | None, seed: int) -> list[tuple[
     return out
 
 
-def load_images(source: str | Path | None, transform: Transform, n: int | None = None, *, split: str = "eval",
-                seed: int = 0, progress: bool = False) -> ImageSet:
-    """Load ``n`` images (all when None) of ``split`` ("eval" or "calib") from ``source``.
+@dataclass
+class ImageStream:
+    """Listed (not yet decoded) images: read them all (:meth:`read`) or in chunks (:meth:`chunks`),
+    so that evaluating many images keeps memory flat. ``labels`` int64 (N,), ``ids`` source names."""
+
+    items: list[tuple[str, int]]
+    classes: list[str]
+    source: str
+    transform: Transform
+    split: str
+    _zip: zipfile.ZipFile | None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([c for _, c in self.items], dtype=np.int64)
+
+    @property
+    def ids(self) -> list[str]:
+        return [name for name, _ in self.items]
+
+    def _decode_range(self, start: int, stop: int) -> np.ndarray:
+        t = self.transform
+        imgs = np.empty((stop - start, 3, t.size, t.size), dtype=np.uint8)
+        for i, (name, _) in enumerate(self.items[start:stop]):
+            data = self._zip.read(name) if self._zip is not None else Path(name).read_bytes()
+            imgs[i] = _decode(data, name, t)
+        return imgs
+
+    def chunks(self, size: int, start: int = 0):
+        """Yield ``(offset, ImageSet)`` of at most ``size`` decoded images each, in order."""
+        for s in range(start, len(self.items), size):
+            e = min(len(self.items), s + size)
+            yield s, ImageSet(self._decode_range(s, e), self.labels[s:e], self.ids[s:e], self.classes, self.source)
+
+    def read(self, progress: bool = False) -> ImageSet:
+        """Every image, decoded into one array."""
+        from tqdm import tqdm
+        t = self.transform
+        imgs = np.empty((len(self.items), 3, t.size, t.size), dtype=np.uint8)
+        step = 64
+        with tqdm(total=len(self.items), desc=f"reading {self.split} images", unit="img", disable=not progress,
+                  leave=False) as bar:
+            for s in range(0, len(self.items), step):
+                e = min(len(self.items), s + step)
+                imgs[s:e] = self._decode_range(s, e)
+                bar.update(e - s)
+        return ImageSet(imgs, self.labels, self.ids, self.classes, self.source)
+
+
+def open_images(source: str | Path | None, transform: Transform, n: int | None = None, *, split: str = "eval",
+                seed: int = 0) -> ImageStream:
+    """List ``n`` images (all when None) of ``split`` ("eval" or "calib") from ``source``, decoding none.
 
     ``source`` None means the bundle. A folder is an ImageFolder tree; a ``.zip`` is either the
     CIFAR-10 zip / a zip with ``train/`` and ``test/`` (calib reads train, eval reads test) or a zip
     of a class-folder tree. From the bundle, images are taken in the bundle's order (the first
     ``n`` of its class-interleaved order); from other sources a seeded class-balanced subset.
+    The first image is decoded as a check, so that unreadable data fails at once.
     """
-    from tqdm import tqdm
-
     if source is None:
         if not BUNDLE.is_file():
             raise UserError(f"the bundled images are missing ({BUNDLE}); reinstall intsim or pass --data")
@@ -188,13 +239,16 @@ def load_images(source: str | Path | None, transform: Transform, n: int | None =
             raise UserError(f"--data must be a folder or a .zip, not {src}")
         items = _pick(items, n, seed)
         label = str(src)
-    imgs = np.empty((len(items), 3, transform.size, transform.size), dtype=np.uint8)
-    it = tqdm(items, desc=f"reading {split} images", unit="img", disable=not progress, leave=False)
-    for i, (name, _) in enumerate(it):
-        data = z.read(name) if z is not None else Path(name).read_bytes()
-        imgs[i] = _decode(data, name, transform)
-    labels = np.array([c for _, c in items], dtype=np.int64)
-    return ImageSet(imgs, labels, [name for name, _ in items], classes, label)
+    stream = ImageStream(items, classes, label, transform, split, z)
+    if items:
+        stream._decode_range(0, 1)
+    return stream
+
+
+def load_images(source: str | Path | None, transform: Transform, n: int | None = None, *, split: str = "eval",
+                seed: int = 0, progress: bool = False) -> ImageSet:
+    """:func:`open_images` and read every image (uint8 (N, 3, H, W) in memory)."""
+    return open_images(source, transform, n, split=split, seed=seed).read(progress)
 
 
 # ---- building the bundle (maintainers) --------------------------------------------------

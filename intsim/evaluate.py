@@ -84,6 +84,42 @@ def run_integer(fn, images: np.ndarray, scale: float, batch_size: int, desc: str
     return LevelResult(il.astype(np.float64) * scale, secs, len(images), int_logits=il, counts=counts)
 
 
+def _merge(a: LevelResult | None, b: LevelResult) -> LevelResult:
+    """Two consecutive chunks of one level as one result."""
+    if a is None:
+        return b
+    counts = None
+    if a.counts is not None:
+        counts = {op: dict(c) for op, c in a.counts.items()}
+        for op, c in (b.counts or {}).items():
+            acc = counts.setdefault(op, {})
+            for k, v in c.items():
+                acc[k] = acc.get(k, 0) + int(v)
+    il = None if a.int_logits is None else np.concatenate([a.int_logits, b.int_logits])
+    return LevelResult(np.concatenate([a.logits, b.logits]), a.seconds + b.seconds, a.images + b.images,
+                       int_logits=il, counts=counts)
+
+
+def evaluate_stream(stream, levels: dict, chunk: int, limits: dict[str, int] | None = None,
+                    progress: bool = False) -> Evaluation:
+    """Every level on every image of ``stream`` (:class:`intsim.data.ImageStream`), one chunk of
+    decoded images at a time, so memory does not grow with the number of images (only the logits
+    are kept). ``levels`` maps a level name to ``fn(images uint8 (b, 3, H, W)) -> LevelResult``
+    (``run_float``-like, already bound to its model); ``limits[name]`` runs that level on the
+    first N images only (the golden model)."""
+    from tqdm import tqdm
+    limits = limits or {}
+    ev = Evaluation()
+    with tqdm(total=len(stream), desc="evaluating", unit="img", disable=not progress, leave=False) as bar:
+        for off, part in stream.chunks(chunk):
+            for name, fn in levels.items():
+                n = min(len(part), max(0, limits.get(name, len(stream)) - off))
+                if n > 0:
+                    ev.levels[name] = _merge(ev.levels.get(name), fn(part.images[:n]))
+            bar.update(len(part))
+    return ev
+
+
 def compare(ev: Evaluation, labels: np.ndarray | None) -> dict:
     """All figures of the report as a JSON-ready dict."""
     L = ev.levels

@@ -265,9 +265,22 @@ def run(a) -> int:
         else:
             import multiprocessing as mp
             ctx = mp.get_context("spawn")
-            with ctx.Pool(a.jobs, initializer=_init_worker, initargs=(a_dict,)) as pool:
-                for row in pool.imap_unordered(_run_point, todo):
-                    record(row)
+            # Each worker gets its share of the cores for every thread pool it loads (torch, numba,
+            # BLAS); spawned children read these at start-up, before they import numpy.
+            share = str(max(1, (os.cpu_count() or 1) // a.jobs))
+            pools = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+            saved = {k: os.environ.get(k) for k in pools}
+            os.environ.update({k: share for k in pools})
+            try:
+                with ctx.Pool(a.jobs, initializer=_init_worker, initargs=(a_dict,)) as pool:
+                    for row in pool.imap_unordered(_run_point, todo):
+                        record(row)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
     bar.close()
     rows = [done[point_key(p)] for p in points if point_key(p) in done]
     cols, flat = _flatten_rows(rows)

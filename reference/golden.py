@@ -64,6 +64,19 @@ def _assert_dot_fits(k: int, x: np.ndarray, w: np.ndarray, bias: np.ndarray | in
     assert bound <= I64_MAX, f"a sum of {k} products may overflow int64 (bound {bound})"
 
 
+def _dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The integer product ``x @ w`` (matmul broadcasting rules), exact, as int64.
+
+    numpy has no BLAS for int64, so when k * max|x| * max|w| <= 2^53 (k the summed length) the
+    product is taken in float64 and converted back: every product and every partial sum, in any
+    order of summation, is then an integer of magnitude at most 2^53, which float64 represents
+    exactly, so the result equals the int64 product. Otherwise the int64 product is used."""
+    k = x.shape[-1]
+    if k * _absmax(x) * _absmax(w) <= 2**53:
+        return np.matmul(x.astype(np.float64), w.astype(np.float64)).astype(np.int64)
+    return np.matmul(x, w)
+
+
 # ---- section 1: the rounding rule and saturation --------------------------------------------
 
 def rshift(a: Any, n: Any) -> np.ndarray:
@@ -73,8 +86,11 @@ def rshift(a: Any, n: Any) -> np.ndarray:
     a = q * 2^n + r, 0 <= r < 2^n, floor((a + 2^(n-1)) / 2^n) = q + (r >= 2^(n-1)), and
     q = a >> n (arithmetic shift = floor), (r >= 2^(n-1)) = bit n-1 of a = (a >> (n-1)) & 1.
     """
-    a, n = np.broadcast_arrays(_i64(a), _i64(n))
+    a, n = _i64(a), _i64(n)
     assert (n <= 62).all(), "rshift: shift above 62"
+    if (n >= 1).all():                                     # the usual case, without the select below
+        return (a >> n) + ((a >> (n - 1)) & 1)
+    a, n = np.broadcast_arrays(a, n)
     m = np.maximum(n, 1)                                   # the shift used where n >= 1
     y = np.where(n >= 1, (a >> m) + ((a >> (m - 1)) & 1), a)
     if (n < 0).any():                                      # never produced by the exporter
@@ -133,7 +149,7 @@ def linear(program: Any, op: dict, x: np.ndarray) -> tuple[np.ndarray, dict[str,
     x = _i64(x)                                                                      # (B, T, K)
     assert x.shape[-1] == w.shape[1]
     _assert_dot_fits(w.shape[1], x, w, bias)
-    acc, n_acc = accsat(bias + x @ w.T, program.settings["acc_bits"])               # acc[t, c]
+    acc, n_acc = accsat(bias + _dot(x, w.T), program.settings["acc_bits"])          # acc[t, c]
     y, n_out = sat(_add(rq(acc, mult, shift), zp), at["lo"], at["hi"])               # y[t, c]
     return y, _counts(acc=n_acc, out=n_out)
 
@@ -152,7 +168,7 @@ def patch_embed(program: Any, op: dict, image: np.ndarray) -> tuple[np.ndarray, 
     x = img.reshape(B, C, H // p, p, W // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
     assert pos.shape[0] == x.shape[1] + 1 and w.shape[1] == C * p * p
     _assert_dot_fits(w.shape[1], x, w, bias)
-    acc, n_acc = accsat(bias + x @ w.T, program.settings["acc_bits"])               # tokens 1..P
+    acc, n_acc = accsat(bias + _dot(x, w.T), program.settings["acc_bits"])          # tokens 1..P
     patches = _add(rq(acc, mult, shift), pos[1:])                                   # rq(acc) + pos[t], t >= 1
     cls = np.broadcast_to(pos[0], (B, 1, pos.shape[1]))                            # class token: pos[0]
     y, n_out = sat(np.concatenate([cls, patches], axis=1), at["lo"], at["hi"])
@@ -227,14 +243,14 @@ def attention(program: Any, op: dict, q: np.ndarray, k: np.ndarray, v: np.ndarra
 
     qh, kh, vh = heads(q, at["zp_q"]), heads(k, at["zp_k"]), heads(v, at["zp_v"])
     _assert_dot_fits(d, qh, kh)
-    A, n_acc1 = accsat(qh @ kh.transpose(0, 1, 3, 2), Ab)                        # A[i, j]
+    A, n_acc1 = accsat(_dot(qh, kh.transpose(0, 1, 3, 2)), Ab)                  # A[i, j]
     p, n_prob = int_softmax(A, exp_table, at["score_mult"], at["score_shift"],
                             at["exp_frac_bits"], at["prob_bits"], at["recip_frac"])
     code = encode(p, thresholds)
     assert len(decode) == len(thresholds) + 1
     dec = decode[code]                                                            # decode[code[i, j]]
     _assert_dot_fits(T, dec, vh)
-    O, n_acc2 = accsat(dec @ vh, Ab)                                              # O[i, r]
+    O, n_acc2 = accsat(_dot(dec, vh), Ab)                                        # O[i, r]
     y, n_out = sat(_add(rq(O, at["mult"], at["shift"]), at["zp"]), at["lo"], at["hi"])
     return y.transpose(0, 2, 1, 3).reshape(B, T, D), _counts(acc=n_acc1 + n_acc2, out=n_out, prob=n_prob)
 
@@ -364,7 +380,7 @@ def window_probs(program: Any, op: dict, q: np.ndarray, k: np.ndarray) -> tuple[
 
     qw, kw = win(q, at["zp_q"]), win(k, at["zp_k"])
     _assert_dot_fits(d, qw, kw)
-    dot = qw @ kw.transpose(0, 1, 2, 4, 3)                              # sum_r (q - zq)(k - zk)
+    dot = _dot(qw, kw.transpose(0, 1, 2, 4, 3))                         # sum_r (q - zq)(k - zk)
     bias = table[:, rel]                                                # bias[h, i, j] = bias_table[h, rel_index[i, j]]
     A, n_acc = accsat(_add(_mul(dot, 2**Fb), bias[None, None]), program.settings["acc_bits"])
     valid = np.broadcast_to((mask == 0)[None, :, None], A.shape)
@@ -391,7 +407,7 @@ def window_attention(program: Any, op: dict, q: np.ndarray, k: np.ndarray, v: np
     dec = decode[code]                                                  # (B, nW, H, n, n)
     vw = (v[:, tokens] - at["zp_v"]).reshape(B, nW, n, H, d).transpose(0, 1, 3, 2, 4)
     _assert_dot_fits(n, dec, vw)
-    O, n_acc2 = accsat(dec @ vw, Ab)                                    # O[i, r]
+    O, n_acc2 = accsat(_dot(dec, vw), Ab)                               # O[i, r]
     yw, n_out = sat(_add(rq(O, at["mult"], at["shift"]), at["zp"]), at["lo"], at["hi"])
     y = np.empty((B, T, D), np.int64)
     y[:, tokens.reshape(-1)] = yw.transpose(0, 1, 3, 2, 4).reshape(B, nW * n, D)   # window reverse

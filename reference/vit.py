@@ -378,10 +378,13 @@ class FakeQuantViT:
             cls = FakeQuantSwin
         return super().__new__(cls)
 
-    def __init__(self, program):
+    def __init__(self, program, probs_transform: Hook | None = None):
+        """``probs_transform(op name, probs) -> probs`` (optional) edits the float post-softmax values
+        (B, H, T, T) before the post-softmax quantizer: an experiment hook (``intsim clipping``)."""
         from program.quantizers import from_dict
 
         self.program = program
+        self.probs_transform = probs_transform
         self.eps = float(program.model.get("ln_eps", 1e-6))
         self._t: dict[str, torch.Tensor] = {}
         self._sq = {}
@@ -421,9 +424,9 @@ class FakeQuantViT:
         if typ == "linear":
             return F.linear(ins[0], t[f"{name}.w"], t[f"{name}.b"])
         if typ == "attention":
-            sq = self._sq[name]
+            sq, edit = self._sq[name], self.probs_transform
             return attention_core(*ins, int(a["heads"]), name,
-                                  lambda _n, pr: sq.quantize_torch(pr))
+                                  lambda _n, pr: sq.quantize_torch(pr if edit is None else edit(name, pr)))
         if typ == "gelu":
             return gelu(ins[0])
         if typ == "add":
