@@ -8,6 +8,10 @@ from program.format import DEFAULT_SETTINGS
 from program.quantizers import TYPES as SOFTMAX_TYPES
 
 LN_RULES = ("mosf", "mean")
+# "channel": per-channel post-LN quantizers without reparameterization, the upper bound the rules
+# approximate. An integer GEMM cannot mix input-channel scales in one accumulation, so it has no
+# program: only calib.pipeline.channelwise_fakequant evaluates it (fake-quant level only).
+FAKEQUANT_ONLY_LN_RULES = ("channel",)
 RECON_DEFAULTS: dict[str, Any] = {"recon_images": 256, "recon_iters": 500, "recon_lr": 0.3, "recon_batch": 16}
 RECON_FIELDS = tuple(["reconstruct", *RECON_DEFAULTS])
 
@@ -58,8 +62,10 @@ class CalibConfig:
                 raise ValueError(f"{name} must be an integer in 2..8, got {v!r}")
         if self.softmax_quant not in SOFTMAX_TYPES:
             raise ValueError(f"softmax_quant must be one of {', '.join(SOFTMAX_TYPES)}, got {self.softmax_quant!r}")
-        if self.ln_rule not in LN_RULES:
+        if self.ln_rule not in LN_RULES + FAKEQUANT_ONLY_LN_RULES:
             raise ValueError(f"ln_rule must be one of {', '.join(LN_RULES)}, got {self.ln_rule!r}")
+        if self.ln_rule in FAKEQUANT_ONLY_LN_RULES and self.reconstruct:
+            raise ValueError(f"ln_rule {self.ln_rule!r} (fake-quant only) cannot be combined with reconstruction")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
         if not isinstance(self.seed, int):

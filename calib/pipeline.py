@@ -33,11 +33,11 @@ from reference.vit import (BlockParams, ViTParams, block_forward, embed, fake_qu
 
 from . import reparam as rp
 from . import softmax_search
-from .config import CalibConfig
+from .config import FAKEQUANT_ONLY_LN_RULES, CalibConfig
 from .export import build_program
 from .observers import BlockObserver, Budget, point_rng
 from .state import BlockCalib, LinearCalib, LNCalib, ModelCalib
-from .uniform import PERCENTILES, SHRINK, absmax_scale, quantize_weight, search_activation, search_channels
+from .uniform import PERCENTILES, SHRINK, ActQuant, absmax_scale, quantize_weight, search_activation, search_channels
 
 CHUNK = 32  # images per forward chunk
 
@@ -57,6 +57,9 @@ def calibrate_ln(name: str, rows: np.ndarray, gamma, beta, consumers: list[tuple
     reparameterization of the LN affine and of the consumers ``[(W, b), ...]``, and a re-search of
     the per-tensor range of the reparameterized activation (the rule's own (s, z) is a candidate)."""
     s_c, z_c = search_channels(rows, bits)
+    if rule == "channel":      # the fake-quant-only upper bound: no reparameterization, per-channel quantizer
+        lins = [(_np(W), _np(b)) for W, b in consumers]
+        return LNCalib(gamma=_np(gamma), beta=_np(beta), act=ActQuant(s_c, z_c, bits), reparam=None), lins
     r = rp.shared(s_c, z_c, rule)
     g2, b2 = rp.apply_ln(_np(gamma), _np(beta), r)
     lins = [rp.apply_linear(_np(W), _np(b), r) for W, b in consumers]
@@ -113,6 +116,13 @@ def _t32(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
+def _fake_quant(x: torch.Tensor, a: ActQuant) -> torch.Tensor:
+    """Quantize-dequantize by ``a``: per tensor, or per channel (last axis) when its scale is an array."""
+    if isinstance(a.scale, np.ndarray):
+        return fake_quant_uniform(x, _t32(a.scale), _t32(a.zero_point), a.bits)
+    return fake_quant_uniform(x, a.scale, a.zero_point, a.bits)
+
+
 def quantized_block_forward(bc: BlockCalib, r: torch.Tensor, index: int, heads: int, eps: float,
                             tap=None) -> torch.Tensor:
     """Fake-quant forward of a calibrated block (the semantics of ``reference.vit.FakeQuantViT``):
@@ -134,8 +144,7 @@ def quantized_block_forward(bc: BlockCalib, r: torch.Tensor, index: int, heads: 
     def hook(name: str, x: torch.Tensor) -> torch.Tensor:
         if name == f"{pre}.attn.probs":
             return bc.softmax.quantize_torch(x)
-        a = acts[name]
-        return fake_quant_uniform(x, a.scale, a.zero_point, a.bits)
+        return _fake_quant(x, acts[name])
 
     extra = () if tap is None else (tap,)
     return torch.cat([block_forward(bp, r[s:s + CHUNK], index, heads, eps, hook, *extra)
@@ -170,6 +179,36 @@ def calibrate_params(params: ViTParams, images: np.ndarray, config: CalibConfig,
         head=_linear(hw, hb, wb),
         logit_scale=absmax_scale(float(logits.abs().max()), settings["logit_bits"]),
     )
+
+
+def fakequant_logits(mc: ModelCalib, params: ViTParams, images: np.ndarray) -> torch.Tensor:
+    """Float logits (N, C) of the fake-quant model held by the calibration state ``mc`` (the
+    semantics of ``reference.vit.FakeQuantViT``, whose program is built from ``mc``): quantized
+    patch embedding, :func:`quantized_block_forward` per block, quantized final LN and head."""
+    ep = replace(params, patch_w=_t32(mc.patch.weight.dequant()).reshape(params.patch_w.shape),
+                 patch_b=_t32(mc.patch.bias), pos=_t32(mc.pos))
+    out = []
+    for s in range(0, images.shape[0], CHUNK):
+        r = embed(ep, images[s:s + CHUNK])
+        for i, bc in enumerate(mc.blocks):
+            r = quantized_block_forward(bc, r, i, params.num_heads, params.eps)
+        y = _fake_quant(layer_norm(r[:, :1], _t32(mc.norm.gamma), _t32(mc.norm.beta), params.eps), mc.norm.act)
+        out.append(torch.nn.functional.linear(y, _t32(mc.head.weight.dequant()), _t32(mc.head.bias))[:, 0])
+    return torch.cat(out)
+
+
+def channelwise_fakequant(model, images, mean, std, config: CalibConfig, eval_images) -> np.ndarray:
+    """Fake-quant logits (N, C) float64 on ``eval_images`` of the model calibrated with per-channel
+    post-LayerNorm quantizers and no reparameterization (``config.ln_rule == "channel"``): the upper
+    bound of the MOSF / mean rules, which no integer program can express (see calib.config)."""
+    if config.ln_rule != "channel":
+        raise ValueError("channelwise_fakequant is for ln_rule='channel'")
+    settings = config.resolved_settings()
+    model.eval()
+    with torch.no_grad():
+        params = params_from_timm(model, mean, std)
+        mc = calibrate_params(params, _check_images(images, params.img_size), config, settings, False)
+        return fakequant_logits(mc, params, _check_images(eval_images, params.img_size)).double().numpy()
 
 
 def _check_images(images, img_size: int) -> np.ndarray:
@@ -207,6 +246,9 @@ def calibrate(model, images, mean, std, config: CalibConfig | None = None, prove
     Deterministic: the same inputs and config give a byte-identical saved program.
     """
     from reference.swin import is_swin
+    if config is not None and config.ln_rule in FAKEQUANT_ONLY_LN_RULES:
+        raise ValueError(f"ln_rule {config.ln_rule!r} has no integer program (an integer GEMM cannot mix "
+                         f"input-channel scales); evaluate it with calib.pipeline.channelwise_fakequant")
     if is_swin(model):                     # timm SwinTransformer: calib/swin.py (same arguments, same result type)
         if config is not None and config.reconstruct:
             raise ValueError("block reconstruction (reconstruct=True) is implemented for ViT / DeiT models only, "

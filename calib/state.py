@@ -25,12 +25,13 @@ class LinearCalib:
 
 @dataclass
 class LNCalib:
-    """A LayerNorm after reparameterization: affine (D,) float64 and its shared output quantizer."""
+    """A LayerNorm after reparameterization: affine (D,) float64 and its shared output quantizer
+    (per channel, scale and zero point (D,), for the fake-quant-only rule "channel")."""
 
     gamma: np.ndarray
     beta: np.ndarray
     act: ActQuant
-    reparam: Reparam
+    reparam: Reparam | None     # None for the fake-quant-only per-channel rule ("channel")
 
 
 @dataclass

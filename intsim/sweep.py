@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abits", type=_csv_list(int), help="activation bits grid")
     p.add_argument("--softmax-quant", type=_csv_list(str), default=["tanq", "log2sqrt"],
                    help="post-softmax quantizers (default tanq,log2sqrt)")
-    p.add_argument("--ln-rule", type=_csv_list(str), default=["mosf", "mean"], help="post-LN rules (default mosf,mean)")
+    p.add_argument("--ln-rule", type=_csv_list(str), default=["mosf", "mean"],
+                   help="post-LN rules (default mosf,mean); 'channel' adds the per-channel upper bound without "
+                        "reparameterization, fake-quant only (no integer program can express it)")
     p.add_argument("--pair", action="store_true",
                    help="pair softmax quantizers with LN rules (tanq+mosf, log2sqrt+mean: DopQ-ViT vs the "
                         "RepQ-ViT-style baseline) instead of taking their product")
@@ -79,8 +81,8 @@ def grid(a) -> list[dict]:
         if q not in ("tanq", "uniform", "log2", "log2sqrt"):
             raise UserError(f"unknown post-softmax quantizer '{q}'")
     for r in a.ln_rule:
-        if r not in ("mosf", "mean"):
-            raise UserError(f"unknown LN rule '{r}'")
+        if r not in ("mosf", "mean", "channel"):
+            raise UserError(f"unknown LN rule '{r}' (known: mosf, mean, channel)")
     if a.wbits or a.abits:
         wa = list(itertools.product(a.wbits or a.bits, a.abits or a.bits))
     else:
@@ -103,6 +105,8 @@ def grid(a) -> list[dict]:
         except ValueError:
             raise UserError(f"--set {k}: values must be integers") from None
     recon = bool(getattr(a, "reconstruct", False))
+    if recon and "channel" in a.ln_rule:
+        raise UserError("the 'channel' LN rule (fake-quant only) cannot be combined with --reconstruct")
     if recon:
         from calib import CalibConfig
         try:
@@ -173,13 +177,15 @@ def _run_point(p: dict) -> dict:
         recon = dict(reconstruct=True, recon_images=a.recon_images, recon_iters=a.recon_iters, recon_lr=a.recon_lr)
     cfg = CalibConfig(wbits=p["wbits"], abits=p["abits"], softmax_quant=p["softmax_quant"], ln_rule=p["ln_rule"],
                       seed=a.seed, settings=p["settings"], **recon)
+    if "float" not in s:
+        s["float"] = _float_level()
+    if p["ln_rule"] == "channel":
+        return _run_channel_point(p, cfg)
     t0 = time.perf_counter()
     prog = calibrate(s["model"], s["cal"].images, s["dc"]["mean"], s["dc"]["std"], cfg,
                      provenance=dict(s["info"], calib_images=s["cal"].ids), progress=False,
                      recon_images=None if s.get("recon") is None else s["recon"].images)
     calib_s = time.perf_counter() - t0
-    if "float" not in s:
-        s["float"] = _float_level()
     evaluation = ev.Evaluation()
     evaluation.levels["float"] = s["float"]
     evaluation.levels["fakequant"] = ev.run_fakequant(FakeQuantViT(prog), data.images, a.batch_size, False)
@@ -214,6 +220,31 @@ def _run_point(p: dict) -> dict:
     return row
 
 
+def _run_channel_point(p: dict, cfg) -> dict:
+    """The fake-quant-only upper bound: per-channel post-LN quantizers, no reparameterization
+    (calib.pipeline.channelwise_fakequant); no program, so no engine, golden or cost figures."""
+    from calib.pipeline import channelwise_fakequant
+
+    from . import evaluate as ev
+    s = _STATE
+    a, data = s["a"], s["data"]
+    t0 = time.perf_counter()
+    logits = channelwise_fakequant(s["model"], s["cal"].images, s["dc"]["mean"], s["dc"]["std"], cfg, data.images)
+    secs = time.perf_counter() - t0
+    evaluation = ev.Evaluation()
+    evaluation.levels["float"] = s["float"]
+    evaluation.levels["fakequant"] = ev.LevelResult(logits, secs, len(data.images))
+    labels = data.labels if len(data.classes) == logits.shape[1] else None
+    rep = ev.compare(evaluation, labels)
+    row = {"key": point_key(p), **{k: p[k] for k in GRID_AXES}, "settings": p["settings"], "fakequant_only": True,
+           "calibration_s": round(secs, 2), "images": len(data.images)}
+    for lvl, r in rep["levels"].items():
+        for k, v in r.items():
+            if k != "images":
+                row[f"{lvl}.{k}"] = v
+    return row
+
+
 def _flatten_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
     flat = []
     for r in rows:
@@ -239,13 +270,19 @@ def run(a) -> int:
     log = out / "results.jsonl"
     done: dict[str, dict] = {}
     if log.exists():
+        cut = False
         for line in log.read_text().splitlines():
             if line.strip():
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
-                    continue          # a line cut by an interruption: that point runs again
+                    cut = True        # a line cut by an interruption: that point runs again
+                    continue
                 done[r["key"]] = r
+        if cut:                       # drop the cut line, so that new rows do not continue it
+            tmp = out / ".results.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in done.values()))
+            os.replace(tmp, log)
     todo = [p for p in points if point_key(p) not in done]
     print(f"sweep: {len(points)} points, {len(points) - len(todo)} already done in {log}, {len(todo)} to run")
     a_dict = {k: v for k, v in vars(a).items() if k != "func"}

@@ -354,3 +354,53 @@ def test_golden_model_agrees_with_fake_quant(mini_program):
     res = golden.run(prog, imgs)
     fq = FakeQuantViT(prog)(imgs).numpy()
     assert _cos(res.logits * res.scale, fq) > 0.99
+
+
+# ---- the fake-quant-only per-channel post-LN rule ("channel") ----------------------------------
+
+@pytest.mark.parametrize("rule", ["mosf", "mean"])
+def test_state_fake_quant_logits_equal_program_fake_quant(rule):
+    """calib.pipeline.fakequant_logits (the state's fake-quant model, which the 'channel' rule is
+    evaluated with) equals FakeQuantViT of the program exported from the same state."""
+    from calib.export import build_program
+    from calib.pipeline import calibrate_params, fakequant_logits
+
+    m = _mini(seed=5)
+    _add_outliers(m)
+    imgs = _images(8, seed=11)
+    cfg = CalibConfig(wbits=4, abits=4, ln_rule=rule)
+    params = params_from_timm(m, MEAN, STD)
+    mc = calibrate_params(params, imgs, cfg, cfg.resolved_settings(), progress=False)
+    prog = build_program(mc, cfg.resolved_settings(), {})
+    with torch.no_grad():
+        got = fakequant_logits(mc, params, imgs)
+    torch.testing.assert_close(got, FakeQuantViT(prog)(imgs), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_rule_quantizes_each_post_ln_channel_on_its_own():
+    from calib.pipeline import calibrate_params, channelwise_fakequant
+
+    m = _mini(seed=6)
+    _add_outliers(m)
+    imgs = _images(8, seed=12)
+    cfg = CalibConfig(wbits=8, abits=8, ln_rule="channel")
+    params = params_from_timm(m, MEAN, STD)
+    mc = calibrate_params(params, imgs, cfg, cfg.resolved_settings(), progress=False)
+    for ln in [b.norm1 for b in mc.blocks] + [b.norm2 for b in mc.blocks] + [mc.norm]:
+        assert ln.reparam is None and ln.act.scale.shape == (24,) and ln.act.zero_point.shape == (24,)
+    # the LN affine and the consumers are the float model's (no reparameterization)
+    np.testing.assert_array_equal(mc.blocks[0].norm1.gamma, params.blocks[0].norm1_w.double().numpy())
+    # at 8 bits the per-channel model tracks the float model closely, outliers and all
+    lg = channelwise_fakequant(m, imgs, MEAN, STD, cfg, imgs)
+    assert _cos(lg, _timm_logits(m, imgs, MEAN, STD).numpy()) > 0.995
+
+
+def test_channel_rule_has_no_program():
+    m = _mini()
+    with pytest.raises(ValueError, match="no integer program"):
+        calibrate(m, _images(4), MEAN, STD, CalibConfig(ln_rule="channel"), progress=False)
+    with pytest.raises(ValueError, match="reconstruction"):
+        CalibConfig(ln_rule="channel", reconstruct=True).validate()
+    from calib.pipeline import channelwise_fakequant
+    with pytest.raises(ValueError, match="channel"):
+        channelwise_fakequant(m, _images(4), MEAN, STD, CalibConfig(ln_rule="mosf"), _images(2))

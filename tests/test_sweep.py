@@ -1,0 +1,50 @@
+"""intsim sweep end to end on the bundled model (few images): rows, resume, the fake-quant-only rule."""
+import json
+
+import pytest
+
+from intsim.cli import main
+
+ARGS = ["--no-progress", "sweep", "--bits", "4", "--softmax-quant", "tanq", "--ln-rule", "mosf,channel",
+        "--images", "16", "--calib-images", "8", "--golden-images", "4"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    assert main(ARGS + ["-o", str(out)]) == 0
+    return out
+
+
+def test_rows_and_files(swept):
+    rows = {r["key"]: r for r in json.loads((swept / "results.json").read_text())["points"]}
+    assert set(rows) == {"W4A4|tanq|mosf|", "W4A4|tanq|channel|"}
+    full = rows["W4A4|tanq|mosf|"]
+    assert full["engine_vs_golden.logits_differing"] == 0 and full["engine_vs_golden.images"] == 4
+    assert full["cost.bops"] > 0 and 0 <= full["engine.top1"] <= 1 and 0 <= full["fakequant.top1"] <= 1
+    ch = rows["W4A4|tanq|channel|"]
+    assert ch["fakequant_only"] is True and "engine.top1" not in ch and 0 <= ch["fakequant.top1"] <= 1
+    assert ch["float.top1"] == full["float.top1"]
+    header = (swept / "results.csv").read_text().splitlines()[0].split(",")
+    assert "fakequant.top1" in header and "cost.bops" in header
+    assert (swept / "accuracy_vs_bops.png").stat().st_size > 0
+
+
+def test_rerun_resumes(swept, capsys):
+    log = swept / "results.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])      # the second point was cut off
+    capsys.readouterr()
+    assert main(ARGS + ["-o", str(swept)]) == 0
+    out = capsys.readouterr().out
+    assert "2 points, 1 already done" in out and "1 to run" in out
+    assert len(json.loads((swept / "results.json").read_text())["points"]) == 2
+    assert main(ARGS + ["-o", str(swept)]) == 0
+    assert "2 already done" in capsys.readouterr().out
+
+
+def test_bad_grid(tmp_path, capsys):
+    assert main(["sweep", "--ln-rule", "median", "-o", str(tmp_path)]) == 2
+    assert "unknown LN rule" in capsys.readouterr().err
+    assert main(["sweep", "--ln-rule", "channel", "--reconstruct", "-o", str(tmp_path)]) == 2
+    assert "channel" in capsys.readouterr().err
