@@ -185,9 +185,9 @@ def _vectors_doc() -> str:
     return vectors.__doc__
 
 
-def _clipping_doc() -> str:
-    from . import clipping
-    return clipping.__doc__
+def _doc(module: str) -> str:
+    import importlib
+    return importlib.import_module(f"intsim.{module}").__doc__
 
 
 def _plots_doc() -> str:
@@ -256,9 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     _plot_args(pl)
 
     cl = sub.add_parser("clipping", help="zero the post-softmax values nearest 0 or nearest 1: which ones matter?",
-                        description=_clipping_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=_doc("clipping"), formatter_class=argparse.RawDescriptionHelpFormatter)
     from .clipping import add_arguments as _clipping_args
     _clipping_args(cl)
+
+    pr = sub.add_parser("profile", help="post-LayerNorm channel range profile of a float model (max / median)",
+                        description=_doc("profile"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .profile import add_arguments as _profile_args
+    _profile_args(pr)
 
     be = sub.add_parser("bench", help="speed and memory of every level against torch, as ratios",
                         description=_bench_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -565,6 +570,11 @@ def cmd_clipping(a) -> int:
     return clipping.run(a)
 
 
+def cmd_profile(a) -> int:
+    from . import profile
+    return profile.run(a)
+
+
 def cmd_bench(a) -> int:
     from . import bench
     return bench.run(a)
@@ -572,7 +582,7 @@ def cmd_bench(a) -> int:
 
 COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "sweep": cmd_sweep,
             "bench": cmd_bench, "vectors": cmd_vectors, "plot": cmd_plot, "bundle": cmd_bundle,
-            "clipping": cmd_clipping}
+            "clipping": cmd_clipping, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,14 @@ def _i64(a: Any) -> np.ndarray:
 
 def _exact(f: Callable, a: Any, b: Any) -> np.ndarray:
     """f(a, b) for f in (operator.add, operator.sub, operator.mul) in int64, asserting that no element
-    leaves int64. A float64 estimate (error far below 2^61) clears the small elements; the rest are
-    decided exactly with Python integers."""
-    a, b = np.broadcast_arrays(_i64(a), _i64(b))
+    leaves int64. When the bound max|a| * max|b| (mul) or max|a| + max|b| (add, sub), computed with
+    Python integers, fits int64, no element can overflow. Otherwise a float64 estimate (error far
+    below 2^61) clears the small elements and the rest are decided exactly with Python integers."""
+    a, b = _i64(a), _i64(b)
+    ma, mb = _absmax(a), _absmax(b)
+    if (ma * mb if f is operator.mul else ma + mb) <= I64_MAX:
+        return f(a, b)
+    a, b = np.broadcast_arrays(a, b)
     big = np.abs(f(a.astype(np.float64), b.astype(np.float64))) >= 2.0**62
     if big.any():
         for x, y in zip(a[big].tolist(), b[big].tolist()):

@@ -160,3 +160,18 @@ def test_cli_write_and_check(prog, tmp_path, capsys):
     (other / "notes.txt").write_text("mine")
     assert main(["vectors", "--program", str(f), "--layer", "head", "-o", str(other)]) == 2
     assert (other / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("layer", ["blocks.3.attn.core", "blocks.3.mlp.fc1", "blocks.3.mlp.fc2"])
+def test_bundled_model_vectors(layer, tmp_path, capsys):
+    """Vectors of one attention layer and the MLP layers of the bundled trained model (W4A4, DopQ-ViT),
+    written from the golden model by the command line and reproduced by the engine (--check)."""
+    f = tmp_path / "bundled_w4a4.intsim"
+    if not f.exists():
+        assert main(["--no-progress", "calibrate", "--calib-images", "8", "-o", str(f)]) == 0
+    d = tmp_path / layer
+    assert main(["--no-progress", "vectors", "--program", str(f), "--layer", layer, "--images", "2",
+                 "-o", str(d)]) == 0
+    assert main(["--no-progress", "vectors", "--check", str(d), "--program", str(f)]) == 0
+    assert "engine reproduces" in capsys.readouterr().out.lower()
+    _all_hex_match(d)

@@ -1,0 +1,66 @@
+"""``intsim profile``: the post-LayerNorm channel range profile of a float model.
+
+For every post-LayerNorm point (``blocks.i.norm1`` -> qkv, ``blocks.i.norm2`` -> fc1, the final
+``norm`` -> head) the range of each channel (max - min over all tokens of the images; the class
+token for the final norm) is measured, and the table reports the widest channel's range, the
+median channel's range and their ratio. A ratio near 1 means a per-tensor quantizer loses little
+to a per-channel one; large ratios are the inter-channel variation that MOSF and the mean rule
+address (``reference.stress.channel_range_profile``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def add_arguments(p) -> None:
+    from .cli import _add_model_args, _count_or_all
+    _add_model_args(p)
+    p.add_argument("--data", metavar="PATH", help="images (default: the bundled calibration images)")
+    p.add_argument("--images", type=_count_or_all, default=256, help="number of images (default 256)")
+    p.add_argument("--json", metavar="FILE", help="also write the profile as JSON")
+
+
+def run(a) -> int:
+    import torch
+
+    from reference.stress import channel_range_profile
+    from reference.swin import is_swin
+    from reference.zoo import DEFAULT_MODEL, load_model
+
+    from .cli import _transform, check_writable, write_json_atomic
+    from .data import load_images
+    from .errors import UserError
+
+    check_writable(a.json, "JSON profile")
+    model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
+                                   checkpoint=a.checkpoint, seed=a.seed)
+    if is_swin(model):
+        raise UserError("intsim profile covers ViT / DeiT models (blocks with norm1 / norm2), not Swin")
+    tf, dc = _transform(spec)
+    data = load_images(a.data, tf, a.images, split="calib", seed=a.seed, progress=not a.no_progress)
+    x = torch.from_numpy(data.images).float().div_(255.0)
+    x = (x - torch.tensor(dc["mean"]).view(1, 3, 1, 1)) / torch.tensor(dc["std"]).view(1, 3, 1, 1)
+    prof = channel_range_profile(model.eval(), x)
+    ratios = np.array([v["max_over_median"] for v in prof.values()])
+    report = {"model": spec.name, "weights": info.get("weights"), "images": len(data), "source": data.source,
+              "points": prof, "max_over_median": {"min": float(ratios.min()), "median": float(np.median(ratios)),
+                                                  "max": float(ratios.max())}}
+    print(f"model {spec.name}, post-LayerNorm channel ranges over {len(data)} images from {data.source}")
+    print()
+    print(format_table(report))
+    if a.json:
+        write_json_atomic(a.json, report)
+        print(f"\nwrote {a.json}")
+    return 0
+
+
+def format_table(report: dict) -> str:
+    rows = [("point", "widest channel", "median channel", "widest / median")]
+    for name, v in report["points"].items():
+        rows.append((name, f"{v['max']:.3f}", f"{v['median']:.3f}", f"{v['max_over_median']:.1f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(x) if i == 0 else c.rjust(x) for i, (c, x) in enumerate(zip(r, w))) for r in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    m = report["max_over_median"]
+    lines.append(f"\nwidest / median over the points: min {m['min']:.1f}, median {m['median']:.1f}, max {m['max']:.1f}")
+    return "\n".join(lines)
