@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="training run folder (holds last.pt and log.jsonl)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "intsim" / "assets"))
+    ap.add_argument("--note", default=None, help="a remark stored in the record (e.g. how the machine was shared)")
     a = ap.parse_args(argv)
     run, out = Path(a.run), Path(a.out)
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
@@ -42,10 +43,14 @@ def main(argv=None) -> int:
         "epochs_planned": planned,
         "complete": done >= planned,
         "training_minutes": round(state["elapsed"] / 60, 1),
+        "epoch_minutes": [round(b["elapsed_min"] - a_["elapsed_min"], 1)
+                          for a_, b in zip([{"elapsed_min": 0.0}] + log[:-1], log)],
         "test_top1_full_10k": log[-1]["test_top1"] if log else None,
         "log": log,
         "weights_dtype": "float16",
     }
+    if a.note:
+        record["note"] = a.note
     tmp = out / f".{cifar_model.NAME}.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"model": cifar_model.NAME, "epochs_done": str(done)})
     os.chmod(tmp, 0o644)

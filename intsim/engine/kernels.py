@@ -231,6 +231,20 @@ def linear_epilogue(S, cols, add, acc_lo, acc_hi, narrow, R, row_off, out, rows_
     return tot[0], tot[1]
 
 
+@njit(cache=True, inline="always")
+def _residual_add_row(buf, skip, m, amult, aoff, ashift, acorr, anarrow, alo, ahi, out):
+    """The residual ``add`` (spec 4.6) of one row: ``out[m, n] = buf[n] = sat(buf[n] + rq(skip[m, n],
+    amult, ashift), alo, ahi)``; returns how many elements the saturation changed."""
+    nd = np.int64(0)
+    for n in range(buf.shape[0]):
+        y = buf[n] + _rq_scalar(skip[m, n], amult, aoff, ashift, acorr, ashift, anarrow)
+        c = min(max(y, alo), ahi)
+        nd += np.int64(c != y)
+        out[m, n] = c
+        buf[n] = c
+    return nd
+
+
 @njit(cache=True, parallel=True)
 def linear_add_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, skip, amult, ashift, aoff, acorr, alo, ahi,
                         anarrow, out, rows_per_task):
@@ -251,12 +265,7 @@ def linear_add_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, skip, amult, ashift
         for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
             _acc_row(S, m, buf)
             na, no = _requant_row(buf, 0, N, cols, zp, 0, acc_lo, acc_hi, narrow)
-            nd = np.int64(0)
-            for n in range(N):
-                y = buf[n] + _rq_scalar(skip[m, n], amult, aoff, ashift, acorr, ashift, anarrow)
-                c = min(max(y, alo), ahi)
-                nd += np.int64(c != y)
-                out[m, n] = c
+            nd = _residual_add_row(buf, skip, m, amult, aoff, ashift, acorr, anarrow, alo, ahi, out)
             cnt[tk, 0] += na
             cnt[tk, 1] += no
             cnt[tk, 2] += nd
@@ -439,13 +448,7 @@ def linear_add_ln_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, skip, amult, ash
         for m in range(tk * rows_per_task, min(M, (tk + 1) * rows_per_task)):
             _acc_row(S, m, buf)
             na, no = _requant_row(buf, 0, N, cols, zp, 0, acc_lo, acc_hi, narrow)
-            nd = np.int64(0)
-            for n in range(N):
-                y = buf[n] + _rq_scalar(skip[m, n], amult, aoff, ashift, acorr, ashift, anarrow)
-                c = min(max(y, alo), ahi)
-                nd += np.int64(c != y)
-                out[m, n] = c
-                buf[n] = c
+            nd = _residual_add_row(buf, skip, m, amult, aoff, ashift, acorr, anarrow, alo, ahi, out)
             nl = _ln_row(buf, gmul, gadd, lnp, ln_out, m)
             cnt[tk, 0] += na
             cnt[tk, 1] += no
