@@ -99,6 +99,17 @@ def write_json_atomic(path: str, data: dict) -> None:
         raise
 
 
+def print_report(title: str, table: str, report: dict, json_path: str | None) -> int:
+    """Print a command's title line and table, write its report as JSON when asked; returns 0."""
+    print(title)
+    print()
+    print(table)
+    if json_path:
+        write_json_atomic(json_path, report)
+        print(f"\nwrote {json_path}")
+    return 0
+
+
 def _json_default(o):
     import numpy as np
     if isinstance(o, np.integer):

@@ -64,7 +64,7 @@ def run(a) -> int:
     from reference.zoo import DEFAULT_MODEL, load_model
 
     from . import metrics
-    from .cli import _calibrate, _load_calib_images, _transform, check_writable, write_json_atomic
+    from .cli import _calibrate, _load_calib_images, _transform, check_writable, print_report
     from .data import load_images
 
     if not 0 < a.fraction < 1:
@@ -118,14 +118,9 @@ def run(a) -> int:
               "softmax_quant": cinfo["softmax_quant"], "ln_rule": cinfo["ln_rule"], "fraction": a.fraction,
               "images": len(data.images), "eval_source": data.source, "calibration_s": round(calib_s, 2),
               "results": rows}
-    print(f"model {spec.name}, W{s['wbits']}A{s['abits']} {cinfo['softmax_quant']} + {cinfo['ln_rule']}, "
-          f"{len(data.images)} images from {data.source}; zeroing {100 * a.fraction:g}% of each attention map")
-    print()
-    print(format_table(report))
-    if a.json:
-        write_json_atomic(a.json, report)
-        print(f"\nwrote {a.json}")
-    return 0
+    title = (f"model {spec.name}, W{s['wbits']}A{s['abits']} {cinfo['softmax_quant']} + {cinfo['ln_rule']}, "
+             f"{len(data.images)} images from {data.source}; zeroing {100 * a.fraction:g}% of each attention map")
+    return print_report(title, format_table(report), report, a.json)
 
 
 def format_table(report: dict) -> str:

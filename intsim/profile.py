@@ -27,7 +27,7 @@ def run(a) -> int:
     from reference.swin import is_swin
     from reference.zoo import DEFAULT_MODEL, load_model
 
-    from .cli import _transform, check_writable, write_json_atomic
+    from .cli import _transform, check_writable, print_report
     from .data import load_images
     from .errors import UserError
 
@@ -45,13 +45,8 @@ def run(a) -> int:
     report = {"model": spec.name, "weights": info.get("weights"), "images": len(data), "source": data.source,
               "points": prof, "max_over_median": {"min": float(ratios.min()), "median": float(np.median(ratios)),
                                                   "max": float(ratios.max())}}
-    print(f"model {spec.name}, post-LayerNorm channel ranges over {len(data)} images from {data.source}")
-    print()
-    print(format_table(report))
-    if a.json:
-        write_json_atomic(a.json, report)
-        print(f"\nwrote {a.json}")
-    return 0
+    title = f"model {spec.name}, post-LayerNorm channel ranges over {len(data)} images from {data.source}"
+    return print_report(title, format_table(report), report, a.json)
 
 
 def format_table(report: dict) -> str:
