@@ -27,7 +27,11 @@ from .cifar import MEAN, STD, load_split
 
 
 def _cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    f = cache / f"cifar10_{split}.npz"
+    """The decoded split, cached in ``cache`` under a name tied to the source (path, size, mtime)."""
+    import hashlib
+    st = data.stat()
+    tag = hashlib.sha1(f"{data.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    f = cache / f"cifar10_{split}_{tag}.npz"
     if f.exists():
         z = np.load(f)
         return z["x"], z["y"]
