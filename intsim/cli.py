@@ -181,29 +181,22 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
                    help=f"learning rate of the rounding variables; scales use a tenth (default {RD['recon_lr']:g})")
 
 
-def _bench_doc() -> str:
-    from . import bench
-    return bench.__doc__
+# Commands implemented by a module of their own: ``intsim.<module>`` has ``add_arguments(parser)``
+# and ``run(args) -> exit code``; its docstring is the command's --help description.
+MODULE_COMMANDS = {
+    "sweep": "grid of calibrate-and-evaluate points -> CSV and JSON (resumable)",
+    "vectors": "test vectors of one op (npz + hex) for hardware testbenches",
+    "plot": "plots: sweep accuracy vs cost, post-softmax distribution, per-layer SQNR",
+    "clipping": "zero the post-softmax values nearest 0 or nearest 1: which ones matter?",
+    "profile": "post-LayerNorm channel range profile of a float model (max / median)",
+    "bench": "speed and memory of every level against torch, as ratios",
+}
+_MODULE_OF = {"plot": "plots"}     # command -> module, where the names differ
 
 
-def _sweep_doc() -> str:
-    from . import sweep
-    return sweep.__doc__
-
-
-def _vectors_doc() -> str:
-    from . import vectors
-    return vectors.__doc__
-
-
-def _doc(module: str) -> str:
+def _module(cmd: str):
     import importlib
-    return importlib.import_module(f"intsim.{module}").__doc__
-
-
-def _plots_doc() -> str:
-    from . import plots
-    return plots.__doc__
+    return importlib.import_module(f"intsim.{_MODULE_OF.get(cmd, cmd)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,36 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", metavar="FILE")
     i.add_argument("--json", metavar="FILE", help="write the summary as JSON")
 
-    sw = sub.add_parser("sweep", help="grid of calibrate-and-evaluate points -> CSV and JSON (resumable)",
-                        description=_sweep_doc(),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .sweep import add_arguments as _sweep_args
-    _sweep_args(sw)
-
-    ve = sub.add_parser("vectors", help="test vectors of one op (npz + hex) for hardware testbenches",
-                        description=_vectors_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .vectors import add_arguments as _vectors_args
-    _vectors_args(ve)
-
-    pl = sub.add_parser("plot", help="plots: sweep accuracy vs cost, post-softmax distribution, per-layer SQNR",
-                        description=_plots_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .plots import add_arguments as _plot_args
-    _plot_args(pl)
-
-    cl = sub.add_parser("clipping", help="zero the post-softmax values nearest 0 or nearest 1: which ones matter?",
-                        description=_doc("clipping"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .clipping import add_arguments as _clipping_args
-    _clipping_args(cl)
-
-    pr = sub.add_parser("profile", help="post-LayerNorm channel range profile of a float model (max / median)",
-                        description=_doc("profile"), formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .profile import add_arguments as _profile_args
-    _profile_args(pr)
-
-    be = sub.add_parser("bench", help="speed and memory of every level against torch, as ratios",
-                        description=_bench_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .bench import add_arguments as _bench_args
-    _bench_args(be)
+    for name, help_line in MODULE_COMMANDS.items():
+        mod = _module(name)
+        mod.add_arguments(sub.add_parser(name, help=help_line, description=mod.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
 
     b = sub.add_parser("bundle", help="(maintainers) rebuild the bundled CIFAR-10 image set",
                        description="Draw the bundled calibration and evaluation images from the CIFAR-10 zip.")
@@ -561,39 +528,8 @@ def cmd_bundle(a) -> int:
     return 0
 
 
-def cmd_sweep(a) -> int:
-    from . import sweep
-    return sweep.run(a)
-
-
-def cmd_vectors(a) -> int:
-    from . import vectors
-    return vectors.run(a)
-
-
-def cmd_plot(a) -> int:
-    from . import plots
-    return plots.run(a)
-
-
-def cmd_clipping(a) -> int:
-    from . import clipping
-    return clipping.run(a)
-
-
-def cmd_profile(a) -> int:
-    from . import profile
-    return profile.run(a)
-
-
-def cmd_bench(a) -> int:
-    from . import bench
-    return bench.run(a)
-
-
-COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "sweep": cmd_sweep,
-            "bench": cmd_bench, "vectors": cmd_vectors, "plot": cmd_plot, "bundle": cmd_bundle,
-            "clipping": cmd_clipping, "profile": cmd_profile}
+COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle,
+            **{name: (lambda a, _n=name: _module(_n).run(a)) for name in MODULE_COMMANDS}}
 
 
 def main(argv: list[str] | None = None) -> int:
