@@ -197,7 +197,7 @@ def build_program(mc: ModelCalib, settings: dict[str, int], provenance: dict[str
     """The integer program of a calibrated model (validated; section 8 bounds asserted)."""
     check_settings(settings)
     s = settings
-    R, A, g = s["residual_bits"], s["abits"], s["gelu_bits"]
+    R, g = s["residual_bits"], s["gelu_bits"]
     b = _Builder(s)
     H = W = mc.img_size
     p = mc.patch_size

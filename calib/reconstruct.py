@@ -653,7 +653,6 @@ def reconstruct(params: ViTParams, mc: ModelCalib, images: np.ndarray, config, s
         # 1. patch embedding (layer-wise)
         patch, log = reconstruct_patch(params, mc.patch, images, wb, iters, lr, batch, seed, postfix)
         finish(log)
-        D = params.embed_dim
         ep = replace(params, patch_w=_t32(patch.weight.dequant()).reshape(params.patch_w.shape))
         with torch.no_grad():
             r_q = torch.cat([embed(ep, images[s:s + CHUNK]) for s in range(0, N, CHUNK)])

@@ -365,8 +365,6 @@ def _calibration_info(prog) -> dict:
 
 
 def cmd_run(a) -> int:
-    import numpy as np
-
     from program.format import load, save
     from reference.golden import run as golden_run
     from reference.vit import FakeQuantViT

@@ -30,11 +30,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SQNR_CAP_DB = 200.0
 QUANT_TYPES = ("uniform", "log2", "log2sqrt", "tanq")
@@ -189,7 +192,7 @@ def plot_sweep(results: str | os.PathLike | list[dict], out_dir: str | os.PathLi
 # ---- (b) post-softmax distribution with quantizer levels ------------------------------------------
 
 def capture_attention(params, images: np.ndarray, block: int, batch_size: int = 32
-                      ) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float probabilities (n, H, T, T) and values v (n, H, T, d) of block ``block``."""
     import torch
 

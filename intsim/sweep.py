@@ -163,7 +163,6 @@ def _float_level():
 
 
 def _run_point(p: dict) -> dict:
-    import numpy as np
     from calib import CalibConfig, calibrate
     from reference.golden import run as golden_run
     from reference.vit import FakeQuantViT
@@ -227,7 +226,7 @@ def _run_channel_point(p: dict, cfg) -> dict:
 
     from . import evaluate as ev
     s = _STATE
-    a, data = s["a"], s["data"]
+    data = s["data"]
     t0 = time.perf_counter()
     logits = channelwise_fakequant(s["model"], s["cal"].images, s["dc"]["mean"], s["dc"]["std"], cfg, data.images)
     secs = time.perf_counter() - t0

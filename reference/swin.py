@@ -39,8 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .vit import (BlockParams, FakeQuantViT, Hook, Tap, _as_float_images, _b32, _f32, _f64, _no_tap, _w32, gelu,
-                  identity_hook, layer_norm)
+from .vit import (BlockParams, FakeQuantViT, Hook, Tap, _as_float_images, _b32, _f32, _f64, _no_tap, _w32,
+                  identity_hook, layer_norm, transformer_block)
 
 MASK_FILL = -100.0     # timm's additive mask value of the shifted windows
 
@@ -344,26 +344,9 @@ def block_forward(sb: SwinBlockParams, x: torch.Tensor, pre: str, eps: float,
                   hook: Hook = identity_hook, tap: Tap = _no_tap, bias: torch.Tensor | None = None,
                   mask_value: float = MASK_FILL) -> torch.Tensor:
     """One Swin block on the residual (B, T, C); ``bias`` (H, n, n) overrides the float bias."""
-    bp = sb.p
-    n1 = hook(f"{pre}.norm1", layer_norm(x, bp.norm1_w, bp.norm1_b, eps))
-    q = hook(f"{pre}.attn.q", F.linear(n1, bp.q_w, bp.q_b))
-    k = hook(f"{pre}.attn.k", F.linear(n1, bp.k_w, bp.k_b))
-    v = hook(f"{pre}.attn.v", F.linear(n1, bp.v_w, bp.v_b))
-    a = hook(f"{pre}.attn.core", window_attention_core(q, k, v, sb.heads, sb.tokens, sb.rpb if bias is None else bias,
-                                                        sb.mask, f"{pre}.attn", hook, mask_value))
-    p = F.linear(a, bp.proj_w, bp.proj_b)
-    tap(f"{pre}.attn.proj", p)
-    x = x + p
-    tap(f"{pre}.add1", x)
-    n2 = hook(f"{pre}.norm2", layer_norm(x, bp.norm2_w, bp.norm2_b, eps))
-    f = F.linear(n2, bp.fc1_w, bp.fc1_b)
-    tap(f"{pre}.mlp.fc1", f)
-    g = hook(f"{pre}.mlp.gelu", gelu(f))
-    o = F.linear(g, bp.fc2_w, bp.fc2_b)
-    tap(f"{pre}.mlp.fc2", o)
-    x = x + o
-    tap(f"{pre}.add2", x)
-    return x
+    rpb = sb.rpb if bias is None else bias
+    return transformer_block(sb.p, x, pre, eps, lambda q, k, v: window_attention_core(
+        q, k, v, sb.heads, sb.tokens, rpb, sb.mask, f"{pre}.attn", hook, mask_value), hook, tap)
 
 
 def merge_forward(mp: MergeParams, x: torch.Tensor, pre: str, eps: float, hook: Hook = identity_hook,

@@ -27,7 +27,6 @@ names: ``patch_embed``, ``blocks.i.attn.proj``, ``blocks.i.add1``, ``blocks.i.ml
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -297,15 +296,17 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return (probs @ vh).transpose(1, 2).reshape(B, T, D)
 
 
-def block_forward(bp: BlockParams, x: torch.Tensor, index: int, heads: int, eps: float,
-                  hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:
-    """One transformer block on the residual ``x`` (B, T, D) -> (B, T, D)."""
-    pre = f"blocks.{index}"
+def transformer_block(bp: BlockParams, x: torch.Tensor, pre: str, eps: float,
+                      core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                      hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:
+    """A pre-norm transformer block on the residual ``x`` (B, T, D) -> (B, T, D), with its attention
+    ``core(q, k, v)`` given (global attention here, window attention in reference/swin.py);
+    quantized points are hooked and integer-valued points tapped under the prefix ``pre``."""
     n1 = hook(f"{pre}.norm1", layer_norm(x, bp.norm1_w, bp.norm1_b, eps))
     q = hook(f"{pre}.attn.q", F.linear(n1, bp.q_w, bp.q_b))
     k = hook(f"{pre}.attn.k", F.linear(n1, bp.k_w, bp.k_b))
     v = hook(f"{pre}.attn.v", F.linear(n1, bp.v_w, bp.v_b))
-    a = hook(f"{pre}.attn.core", attention_core(q, k, v, heads, f"{pre}.attn", hook))
+    a = hook(f"{pre}.attn.core", core(q, k, v))
     p = F.linear(a, bp.proj_w, bp.proj_b)
     tap(f"{pre}.attn.proj", p)
     x = x + p
@@ -319,6 +320,14 @@ def block_forward(bp: BlockParams, x: torch.Tensor, index: int, heads: int, eps:
     x = x + o
     tap(f"{pre}.add2", x)
     return x
+
+
+def block_forward(bp: BlockParams, x: torch.Tensor, index: int, heads: int, eps: float,
+                  hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:
+    """ViT block ``index`` on the residual ``x`` (B, T, D) -> (B, T, D)."""
+    pre = f"blocks.{index}"
+    return transformer_block(bp, x, pre, eps, lambda q, k, v: attention_core(q, k, v, heads, f"{pre}.attn", hook),
+                             hook, tap)
 
 
 def head_forward(params: ViTParams, x: torch.Tensor, hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:

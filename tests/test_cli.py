@@ -1,6 +1,5 @@
 """The command line: every bad input gives one clear message and exit code 2, before long work."""
 import json
-import os
 import socket
 
 import numpy as np

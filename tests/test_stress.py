@@ -21,6 +21,7 @@ def test_stress_preserves_function_and_widens_channels():
     before = channel_range_profile(model, x)
     after = channel_range_profile(stressed, x)
     assert max(v["max_over_median"] for v in after.values()) > 8
+    assert max(v["max_over_median"] for v in after.values()) > 2 * max(v["max_over_median"] for v in before.values())
 
 
 def test_profile_is_seeded():
