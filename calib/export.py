@@ -193,11 +193,43 @@ class _Builder:
         self.op(name, "add", [a, skip], {"mult": m, "shift": n, "lo": lo, "hi": hi}, {})
 
 
+def emit_block(b: "_Builder", pre: str, r: str, bc, T: int, D: int, A: int, hidden: int, attention) -> str:
+    """Values and ops of one transformer block (spec 4.1, 4.3-4.6) reading the residual value ``r``
+    (T tokens, D channels; q/k/v and the attention output have A channels, the MLP ``hidden``);
+    ``attention(core, q, k, v)`` emits the attention op. Returns the block's output value name."""
+    R, g = b.s["residual_bits"], b.s["gelu_bits"]
+    n1, q, k, v = f"{pre}.norm1", f"{pre}.attn.q", f"{pre}.attn.k", f"{pre}.attn.v"
+    core, proj, add1 = f"{pre}.attn.core", f"{pre}.attn.proj", f"{pre}.add1"
+    n2, fc1, ge, fc2, add2 = f"{pre}.norm2", f"{pre}.mlp.fc1", f"{pre}.mlp.gelu", f"{pre}.mlp.fc2", f"{pre}.add2"
+    b.codes(n1, [T, D], bc.norm1.act)
+    b.layernorm(n1, r, bc.norm1, "all")
+    for name, lin, act in ((q, bc.q, bc.q_act), (k, bc.k, bc.k_act), (v, bc.v, bc.v_act)):
+        b.codes(name, [T, A], act)
+        b.linear(name, n1, lin)
+    b.codes(core, [T, A], bc.core)
+    attention(core, q, k, v)
+    b.value(proj, "int", R, [T, D], bc.res1)
+    b.linear(proj, core, bc.proj)
+    b.value(add1, "int", R, [T, D], bc.res1)
+    b.add(add1, proj, r)
+    b.codes(n2, [T, D], bc.norm2.act)
+    b.layernorm(n2, add1, bc.norm2, "all")
+    b.value(fc1, "int", g, [T, hidden], bc.fc1_scale)
+    b.linear(fc1, n2, bc.fc1)
+    b.codes(ge, [T, hidden], bc.gelu)
+    b.gelu(ge, fc1)
+    b.value(fc2, "int", R, [T, D], bc.res2)
+    b.linear(fc2, ge, bc.fc2)
+    b.value(add2, "int", R, [T, D], bc.res2)
+    b.add(add2, fc2, add1)
+    return add2
+
+
 def build_program(mc: ModelCalib, settings: dict[str, int], provenance: dict[str, Any]) -> Program:
     """The integer program of a calibrated model (validated; section 8 bounds asserted)."""
     check_settings(settings)
     s = settings
-    R, g = s["residual_bits"], s["gelu_bits"]
+    R = s["residual_bits"]
     b = _Builder(s)
     H = W = mc.img_size
     p = mc.patch_size
@@ -219,32 +251,8 @@ def build_program(mc: ModelCalib, settings: dict[str, int], provenance: dict[str
 
     r = "patch_embed"
     for i, bc in enumerate(mc.blocks):
-        pre = f"blocks.{i}"
-        n1, q, k, v = f"{pre}.norm1", f"{pre}.attn.q", f"{pre}.attn.k", f"{pre}.attn.v"
-        core, proj, add1 = f"{pre}.attn.core", f"{pre}.attn.proj", f"{pre}.add1"
-        n2, fc1, ge, fc2, add2 = f"{pre}.norm2", f"{pre}.mlp.fc1", f"{pre}.mlp.gelu", f"{pre}.mlp.fc2", f"{pre}.add2"
-        b.codes(n1, [T, D], bc.norm1.act)
-        b.layernorm(n1, r, bc.norm1, "all")
-        for name, lin, act in ((q, bc.q, bc.q_act), (k, bc.k, bc.k_act), (v, bc.v, bc.v_act)):
-            b.codes(name, [T, D], act)
-            b.linear(name, n1, lin)
-        b.codes(core, [T, D], bc.core)
-        b.attention(core, q, k, v, mc.num_heads, bc.softmax)
-        b.value(proj, "int", R, [T, D], bc.res1)
-        b.linear(proj, core, bc.proj)
-        b.value(add1, "int", R, [T, D], bc.res1)
-        b.add(add1, proj, r)
-        b.codes(n2, [T, D], bc.norm2.act)
-        b.layernorm(n2, add1, bc.norm2, "all")
-        b.value(fc1, "int", g, [T, hidden], bc.fc1_scale)
-        b.linear(fc1, n2, bc.fc1)
-        b.codes(ge, [T, hidden], bc.gelu)
-        b.gelu(ge, fc1)
-        b.value(fc2, "int", R, [T, D], bc.res2)
-        b.linear(fc2, ge, bc.fc2)
-        b.value(add2, "int", R, [T, D], bc.res2)
-        b.add(add2, fc2, add1)
-        r = add2
+        r = emit_block(b, f"blocks.{i}", r, bc, T, D, D, hidden,
+                       lambda core, q, k, v, bc=bc: b.attention(core, q, k, v, mc.num_heads, bc.softmax))
 
     b.codes("norm", [1, D], mc.norm.act)
     b.layernorm("norm", r, mc.norm, "first")

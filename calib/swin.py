@@ -37,7 +37,7 @@ from reference.vit import BlockParams, fake_quant_uniform, layer_norm
 
 from . import softmax_search
 from .config import CalibConfig
-from .export import _Builder, check_bounds, check_settings
+from .export import _Builder, check_bounds, check_settings, emit_block
 from .fixedpoint import ExportError
 from .observers import BlockObserver, Budget, point_rng
 from .pipeline import CHUNK, _check_images, _linear, _np, _t32, calibrate_ln
@@ -409,7 +409,7 @@ def build_program(mc: SwinCalib, settings: dict[str, int], provenance: dict[str,
     """The integer program of a calibrated Swin model (validated; bounds asserted)."""
     check_settings(settings)
     s = settings
-    R, g = s["residual_bits"], s["gelu_bits"]
+    R = s["residual_bits"]
     b = _Builder(s)
     Hi = mc.img_size
     p = mc.patch_size
@@ -447,33 +447,8 @@ def build_program(mc: SwinCalib, settings: dict[str, int], provenance: dict[str,
         hidden = mc.mlp_hidden[si]
         for j, sc in enumerate(blocks):
             bc = sc.base
-            pre = f"layers.{si}.blocks.{j}"
-            A = bc.q.weight.w.shape[0]
-            n1, q, k, v = f"{pre}.norm1", f"{pre}.attn.q", f"{pre}.attn.k", f"{pre}.attn.v"
-            core, proj, add1 = f"{pre}.attn.core", f"{pre}.attn.proj", f"{pre}.add1"
-            n2, fc1, ge, fc2, add2 = f"{pre}.norm2", f"{pre}.mlp.fc1", f"{pre}.mlp.gelu", f"{pre}.mlp.fc2", f"{pre}.add2"
-            b.codes(n1, [T, D], bc.norm1.act)
-            b.layernorm(n1, r, bc.norm1, "all")
-            for name, lin, act in ((q, bc.q, bc.q_act), (k, bc.k, bc.k_act), (v, bc.v, bc.v_act)):
-                b.codes(name, [T, A], act)
-                b.linear(name, n1, lin)
-            b.codes(core, [T, A], bc.core)
-            _window_attention(b, core, q, k, v, sc)
-            b.value(proj, "int", R, [T, D], bc.res1)
-            b.linear(proj, core, bc.proj)
-            b.value(add1, "int", R, [T, D], bc.res1)
-            b.add(add1, proj, r)
-            b.codes(n2, [T, D], bc.norm2.act)
-            b.layernorm(n2, add1, bc.norm2, "all")
-            b.value(fc1, "int", g, [T, hidden], bc.fc1_scale)
-            b.linear(fc1, n2, bc.fc1)
-            b.codes(ge, [T, hidden], bc.gelu)
-            b.gelu(ge, fc1)
-            b.value(fc2, "int", R, [T, D], bc.res2)
-            b.linear(fc2, ge, bc.fc2)
-            b.value(add2, "int", R, [T, D], bc.res2)
-            b.add(add2, fc2, add1)
-            r = add2
+            r = emit_block(b, f"layers.{si}.blocks.{j}", r, bc, T, D, bc.q.weight.w.shape[0], hidden,
+                           lambda core, q, k, v, sc=sc: _window_attention(b, core, q, k, v, sc))
 
     T = grid[0] * grid[1]
     D = b.values[r]["shape"][-1]
