@@ -78,21 +78,27 @@ def calibrate_block(bp, r: torch.Tensor, index: int, params: ViTParams, config: 
                     settings: dict[str, int], budget: Budget) -> tuple[BlockCalib, torch.Tensor]:
     """Calibrate block ``index`` from its float input ``r`` (N, T, D); returns it and the block output."""
     N, T, _ = r.shape
-    wb, ab, seed, rule = settings["wbits"], settings["abits"], config.seed, config.ln_rule
-    obs = BlockObserver(index, N, T, params.num_heads, seed, budget)
+    obs = BlockObserver(index, N, T, params.num_heads, config.seed, budget)
     outs = []
     for s in range(0, N, CHUNK):
         obs.start_chunk(s, min(CHUNK, N - s))
         outs.append(block_forward(bp, r[s:s + CHUNK], index, params.num_heads, params.eps, obs.hook, obs.tap))
     out = torch.cat(outs)
-    pre = f"blocks.{index}"
+    return block_calib(obs, bp, f"blocks.{index}", config, settings, budget), out
 
+
+def block_calib(obs, bp: BlockParams, pre: str, config: CalibConfig, settings: dict[str, int],
+                budget: Budget) -> BlockCalib:
+    """A block's quantizers from what its observer saw (``rows_of``, ``sample_of``, ``absmax``,
+    ``attention``): post-LN points with their reparameterization, q/k/v, the post-softmax
+    quantizer, attention output, GELU output, the integer-valued scales and the weights."""
+    wb, ab, seed, rule = settings["wbits"], settings["abits"], config.seed, config.ln_rule
     norm1, (q, k, v) = calibrate_ln(f"{pre}.norm1", obs.rows_of(f"{pre}.norm1"), bp.norm1_w, bp.norm1_b,
                                     [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)], ab, rule, seed, budget)
     probs, vh = obs.attention()
     norm2, (fc1,) = calibrate_ln(f"{pre}.norm2", obs.rows_of(f"{pre}.norm2"), bp.norm2_w, bp.norm2_b,
                                  [(bp.fc1_w, bp.fc1_b)], ab, rule, seed, budget)
-    bc = BlockCalib(
+    return BlockCalib(
         norm1=norm1,
         q=_linear(*q, wb), k=_linear(*k, wb), v=_linear(*v, wb),
         q_act=search_activation(obs.sample_of(f"{pre}.attn.q"), ab),
@@ -109,7 +115,6 @@ def calibrate_block(bp, r: torch.Tensor, index: int, params: ViTParams, config: 
         fc2=_linear(bp.fc2_w, bp.fc2_b, wb),
         res2=absmax_scale(obs.absmax[f"{pre}.add2"], settings["residual_bits"]),
     )
-    return bc, out
 
 
 def _t32(a: np.ndarray) -> torch.Tensor:

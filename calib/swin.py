@@ -35,14 +35,13 @@ from program.quantizers import SoftmaxQuantizer
 from reference import swin as S
 from reference.vit import BlockParams, fake_quant_uniform, layer_norm
 
-from . import softmax_search
 from .config import CalibConfig
 from .export import _Builder, check_bounds, check_settings, emit_block
 from .fixedpoint import ExportError
 from .observers import BlockObserver, Budget, point_rng
-from .pipeline import CHUNK, _check_images, _linear, _np, _t32, calibrate_ln
+from .pipeline import CHUNK, _check_images, _linear, _np, _t32, block_calib, calibrate_ln
 from .state import BlockCalib, LinearCalib, LNCalib
-from .uniform import PERCENTILES, SHRINK, ActQuant, absmax_scale, search_activation
+from .uniform import PERCENTILES, SHRINK, ActQuant, absmax_scale
 
 #: Largest number of fractional bits of the integer window-attention scores (bias resolution).
 MAX_SCORE_FRAC = 8
@@ -178,39 +177,18 @@ def calibrate_block(sb: S.SwinBlockParams, r: torch.Tensor, pre: str, grid: tupl
                     config: CalibConfig, settings: dict[str, int], budget: Budget) -> tuple[SwinBlockCalib, torch.Tensor]:
     """Calibrate one Swin block from its input ``r`` (N, T, C); returns it and its float output."""
     N = r.shape[0]
-    wb, ab, seed, rule = settings["wbits"], settings["abits"], config.seed, config.ln_rule
     bp = sb.p
-    obs = WindowObserver(pre, N, sb, seed, budget)
+    obs = WindowObserver(pre, N, sb, config.seed, budget)
     outs = []
     for s in range(0, N, CHUNK):
         obs.start_chunk(s, min(CHUNK, N - s))
         outs.append(S.block_forward(sb, r[s:s + CHUNK], pre, eps, obs.hook, obs.tap))
     out = torch.cat(outs)
-    norm1, (q, k, v) = calibrate_ln(f"{pre}.norm1", obs.rows_of(f"{pre}.norm1"), bp.norm1_w, bp.norm1_b,
-                                    [(bp.q_w, bp.q_b), (bp.k_w, bp.k_b), (bp.v_w, bp.v_b)], ab, rule, seed, budget)
-    probs, vh = obs.attention()
-    norm2, (fc1,) = calibrate_ln(f"{pre}.norm2", obs.rows_of(f"{pre}.norm2"), bp.norm2_w, bp.norm2_b,
-                                 [(bp.fc1_w, bp.fc1_b)], ab, rule, seed, budget)
-    q_act = search_activation(obs.sample_of(f"{pre}.attn.q"), ab)
-    k_act = search_activation(obs.sample_of(f"{pre}.attn.k"), ab)
-    bc = BlockCalib(
-        norm1=norm1,
-        q=_linear(*q, wb), k=_linear(*k, wb), v=_linear(*v, wb),
-        q_act=q_act, k_act=k_act, v_act=search_activation(obs.sample_of(f"{pre}.attn.v"), ab),
-        softmax=softmax_search.search(config.softmax_quant, ab, probs, vh, settings["prob_bits"]),
-        core=search_activation(obs.sample_of(f"{pre}.attn.core"), ab),
-        proj=_linear(bp.proj_w, bp.proj_b, wb),
-        res1=absmax_scale(obs.absmax[f"{pre}.add1"], settings["residual_bits"]),
-        norm2=norm2,
-        fc1=_linear(*fc1, wb),
-        fc1_scale=absmax_scale(obs.absmax[f"{pre}.mlp.fc1"], settings["gelu_bits"]),
-        gelu=search_activation(obs.sample_of(f"{pre}.mlp.gelu"), ab),
-        fc2=_linear(bp.fc2_w, bp.fc2_b, wb),
-        res2=absmax_scale(obs.absmax[f"{pre}.add2"], settings["residual_bits"]),
-    )
+    bc = block_calib(obs, bp, pre, config, settings, budget)
+    q_act, k_act = bc.q_act, bc.k_act
     d = bp.q_w.shape[0] // sb.heads
     F, bias = quantize_bias(sb.rpb_table.double().numpy(), q_act.scale, k_act.scale, q_act.zero_point,
-                            k_act.zero_point, ab, d, settings["acc_bits"])
+                            k_act.zero_point, settings["abits"], d, settings["acc_bits"])
     return SwinBlockCalib(base=bc, heads=sb.heads, window=sb.window, shift=sb.shift, grid=grid, score_frac=F,
                           bias=bias), out
 
