@@ -34,35 +34,8 @@ seeds = st.integers(0, 2**32 - 1)
 
 # ---- the specification with Python integers ----------------------------------------------------
 
-def r_rshift(a: int, n: int) -> int:
-    if n == 0:
-        return a
-    if n < 0:
-        return a * 2 ** (-n)
-    return (a + 2 ** (n - 1)) // 2 ** n          # Python // floors (toward minus infinity)
-
-
-def r_rq(a: int, m: int, n: int) -> int:
-    return r_rshift(a * m, n)
-
-
-def r_rdiv(a: int, b: int) -> int:
-    assert b > 0
-    return (2 * a + b) // (2 * b)
-
-
-def r_sat(v: int, lo: int, hi: int, cnt: dict, key: str) -> int:
-    y = min(max(v, lo), hi)
-    cnt[key] += y != v
-    return y
-
-
-def r_accsat(v: int, A: int, cnt: dict) -> int:
-    return r_sat(v, -(2 ** (A - 1)), 2 ** (A - 1) - 1, cnt, "acc")
-
-
-def _counts() -> dict:
-    return {"acc": 0, "out": 0, "prob": 0}
+from spec_ref import r_accsat, r_rdiv, r_rq, r_rshift, r_sat  # noqa: E402
+from spec_ref import zero_counts as _counts  # noqa: E402
 
 
 def _L(prog: Program, op: dict, name: str) -> list:

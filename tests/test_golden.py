@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -16,55 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository 
 
 from program.format import DEFAULT_SETTINGS, FORMAT, OP_SCHEMA, VERSION, Program, validate
 from reference.golden import OPS, GoldenResult, accsat, encode, int_softmax, isqrt, rdiv, rq, rshift, run, sat
+from spec_ref import r_accsat, r_isqrt, r_rdiv, r_rq, r_rshift, r_sat, zero_counts   # Python-int references
 
 SETTINGS = settings(max_examples=200, deadline=None)
 FEW = settings(max_examples=60, deadline=None)
 I64 = st.integers(-(2**63), 2**63 - 1)
 SEEDS = st.integers(0, 2**32 - 1)
-
-
-# ---- Python-integer references (exact, unbounded) --------------------------------------------
-
-def r_rnd(v: Fraction) -> int:
-    return math.floor(v + Fraction(1, 2))
-
-
-def r_rshift(a: int, n: int) -> int:
-    if n == 0:
-        return a
-    if n < 0:
-        return a * 2 ** (-n)
-    return r_rnd(Fraction(a, 2**n))
-
-
-def r_rq(a: int, m: int, n: int) -> int:
-    return r_rshift(a * m, n)
-
-
-def r_rdiv(a: int, b: int) -> int:
-    return r_rnd(Fraction(a, b))
-
-
-def r_isqrt(v: int) -> int:
-    lo, hi = 0, v + 1                        # bisection: lo^2 <= v < hi^2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if mid * mid <= v else (lo, mid)
-    return lo
-
-
-def r_sat(v: int, lo: int, hi: int, cnt: dict, key: str) -> int:
-    y = min(max(v, lo), hi)
-    cnt[key] += y != v
-    return y
-
-
-def r_accsat(v: int, A: int, cnt: dict) -> int:
-    return r_sat(v, -(2 ** (A - 1)), 2 ** (A - 1) - 1, cnt, "acc")
-
-
-def zero_counts() -> dict:
-    return {"acc": 0, "out": 0, "prob": 0}
 
 
 # ---- building small programs ----------------------------------------------------------------
