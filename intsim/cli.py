@@ -5,6 +5,7 @@
     intsim inspect     summarize a program file
     intsim vectors     test vectors of one op (npz + hex + FORMAT.md); --check re-runs them on the engine
     intsim plot        sweep accuracy vs cost, post-softmax distribution, per-layer SQNR (PNG)
+    intsim sweep / clipping / profile / sensitivity / bench   studies (see each one's --help)
     intsim bundle      (maintainers) rebuild the bundled image set from the CIFAR-10 zip
 
 Bad input (unknown model, bits out of range, unreadable files, unwritable outputs...) prints one
@@ -189,6 +190,7 @@ MODULE_COMMANDS = {
     "plot": "plots: sweep accuracy vs cost, post-softmax distribution, per-layer SQNR",
     "clipping": "zero the post-softmax values nearest 0 or nearest 1: which ones matter?",
     "profile": "post-LayerNorm channel range profile of a float model (max / median)",
+    "sensitivity": "engine vs fake-quant gap next to fake-quant's own float64 and int-grid siblings",
     "bench": "speed and memory of every level against torch, as ratios",
 }
 _MODULE_OF = {"plot": "plots"}     # command -> module, where the names differ

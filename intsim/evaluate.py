@@ -66,6 +66,14 @@ def run_fakequant(fq, images: np.ndarray, batch_size: int, progress: bool) -> Le
     return LevelResult(np.concatenate(out), time.perf_counter() - t0, len(images))
 
 
+def _add_counts(into: dict, counts: dict | None) -> None:
+    """Add the saturation counts ``{op: {key: n}}`` of one batch into ``into`` (in place)."""
+    for op, c in (counts or {}).items():
+        acc = into.setdefault(op, {})
+        for k, v in c.items():
+            acc[k] = acc.get(k, 0) + int(v)
+
+
 def run_integer(fn, images: np.ndarray, scale: float, batch_size: int, desc: str, progress: bool) -> LevelResult:
     """An integer level (engine or golden): ``fn(batch) -> result with .logits (int64) and .counts``."""
     from tqdm import tqdm
@@ -75,10 +83,7 @@ def run_integer(fn, images: np.ndarray, scale: float, batch_size: int, desc: str
                    leave=False):
         r = fn(images[sl])
         outs.append(np.asarray(r.logits, dtype=np.int64))
-        for op, c in r.counts.items():
-            acc = counts.setdefault(op, {})
-            for k, v in c.items():
-                acc[k] = acc.get(k, 0) + int(v)
+        _add_counts(counts, r.counts)
     secs = time.perf_counter() - t0
     il = np.concatenate(outs) if outs else np.zeros((0, 0), np.int64)
     return LevelResult(il.astype(np.float64) * scale, secs, len(images), int_logits=il, counts=counts)
@@ -91,10 +96,7 @@ def _merge(a: LevelResult | None, b: LevelResult) -> LevelResult:
     counts = None
     if a.counts is not None:
         counts = {op: dict(c) for op, c in a.counts.items()}
-        for op, c in (b.counts or {}).items():
-            acc = counts.setdefault(op, {})
-            for k, v in c.items():
-                acc[k] = acc.get(k, 0) + int(v)
+        _add_counts(counts, b.counts)
     il = None if a.int_logits is None else np.concatenate([a.int_logits, b.int_logits])
     return LevelResult(np.concatenate([a.logits, b.logits]), a.seconds + b.seconds, a.images + b.images,
                        int_logits=il, counts=counts)
@@ -139,6 +141,12 @@ def compare(ev: Evaluation, labels: np.ndarray | None) -> dict:
             row["agree_fakequant"] = metrics.agreement(r.logits, fq)
             row["cosine_fakequant"] = metrics.cosine(r.logits, fq)
             row["sqnr_fakequant_db"] = metrics.sqnr_db(fq, r.logits)
+            if labels is not None:
+                pd = metrics.paired_top1_difference(r.logits, fq, labels[:n])
+                row["top1_minus_fakequant"] = pd["diff"]
+                row["top1_minus_fakequant_ci95"] = pd["ci95"]
+                row["only_right"] = pd["only_a"]
+                row["only_fakequant_right"] = pd["only_b"]
         out["levels"][name] = row
     if "engine" in L and "golden" in L:
         n = L["golden"].images
@@ -182,6 +190,13 @@ def format_table(report: dict) -> str:
     line = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
     lines = [line, "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    e = report["levels"].get("engine", {})
+    if "top1_minus_fakequant" in e:
+        lines.append("")
+        lines.append(f"engine - fake-quant top-1: {100 * e['top1_minus_fakequant']:+.2f} points, 95% interval "
+                     f"+-{100 * e['top1_minus_fakequant_ci95']:.2f} (images only the engine gets right: "
+                     f"{e['only_right']}, only fake-quant: {e['only_fakequant_right']}; "
+                     f"docs/results.md, 'engine and fake-quant')")
     eg = report.get("engine_vs_golden")
     if eg:
         lines.append("")

@@ -378,6 +378,12 @@ class FakeQuantViT:
     ``w * w_scale`` and ``bias_float`` (linear, patch_embed), ``pos_float``, LayerNorm ``gamma`` /
     ``beta`` (after reparameterization) with the model's ``ln_eps``, and the attention op's
     ``softmax_quant``. ``int`` values (residual stream, GELU input, logits) stay float.
+
+    Two variants, for measuring how sensitive a quantized model is to perturbations far below one
+    step of its quantizers (``intsim sensitivity``): ``dtype=torch.float64`` runs the same
+    arithmetic in double precision; ``int_grid=True`` also rounds every ``int`` value to the grid
+    the integer program stores it on (its ``scale``, signed ``bits``), as the engine does, while
+    everything else stays float.
     """
 
     def __new__(cls, program, *args, **kwargs):
@@ -387,13 +393,18 @@ class FakeQuantViT:
             cls = FakeQuantSwin
         return super().__new__(cls)
 
-    def __init__(self, program, probs_transform: Hook | None = None):
+    def __init__(self, program, probs_transform: Hook | None = None, *, dtype: torch.dtype = torch.float32,
+                 int_grid: bool = False):
         """``probs_transform(op name, probs) -> probs`` (optional) edits the float post-softmax values
         (B, H, T, T) before the post-softmax quantizer: an experiment hook (``intsim clipping``)."""
         from program.quantizers import from_dict
 
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
         self.program = program
         self.probs_transform = probs_transform
+        self.dtype = dtype
+        self.int_grid = bool(int_grid)
         self.eps = float(program.model.get("ln_eps", 1e-6))
         self._t: dict[str, torch.Tensor] = {}
         self._sq = {}
@@ -412,12 +423,16 @@ class FakeQuantViT:
                 self._t[f"{name}.beta"] = torch.from_numpy(program.t(op, "beta").astype(np.float32))
             elif typ == "attention":
                 self._sq[name] = from_dict(op["attrs"]["softmax_quant"])
+        self._t = {k: v.to(dtype) for k, v in self._t.items()}
 
     def _out(self, name: str, x: torch.Tensor) -> torch.Tensor:
         v = self.program.values[name]
-        if v["kind"] != "codes":
-            return x
-        return fake_quant_uniform(x, float(v["scale"]), int(v["zero_point"]), int(v["bits"]))
+        if v["kind"] == "codes":
+            return fake_quant_uniform(x, float(v["scale"]), int(v["zero_point"]), int(v["bits"]))
+        if self.int_grid and v["kind"] == "int":
+            b = int(v["bits"])     # signed: codes -2^(b-1) .. 2^(b-1) - 1, i.e. unsigned with zero point 2^(b-1)
+            return fake_quant_uniform(x, float(v["scale"]), 1 << (b - 1), b)
+        return x
 
     def _run(self, op, env) -> torch.Tensor:
         name, typ, a = op["name"], op["type"], op["attrs"]
@@ -445,7 +460,7 @@ class FakeQuantViT:
     @torch.no_grad()
     def forward(self, images, tap: Tap | None = None, batch_size: int = 64) -> torch.Tensor:
         """Float logits (B, C) of uint8 images (B, 3, H, W); ``tap(value name, tensor)`` sees every value."""
-        x = _as_float_images(images)
+        x = _as_float_images(images).to(self.dtype)
         outs = []
         for s in range(0, x.shape[0], batch_size):
             env = {self.program.header["inputs"][0]: x[s:s + batch_size]}

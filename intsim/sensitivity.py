@@ -1,0 +1,138 @@
+"""``intsim sensitivity``: how far apart are equally valid versions of one quantized model?
+
+The engine and the fake-quant model quantize at the same points with the same quantizers; they
+differ only far below one quantization step (the engine keeps the residual stream, the GELU input
+and the logits as integers, computes LayerNorm, softmax and GELU in integer arithmetic). At low
+bit widths a model can be so sensitive that perturbations of that size alone move a visible share
+of its top-1 decisions. This command measures that sensitivity on one calibrated program,
+evaluating on the same images:
+
+* ``fakequant``          the fake-quant model (float32), the reference of the comparison;
+* ``fakequant float64``  the same arithmetic in double precision;
+* ``fakequant int-grid`` float32, and every ``int`` value of the program (residual stream,
+  GELU input, logits) rounded to the grid the integer program stores it on (its scale and bits):
+  a float model that shares only the engine's storage of those values;
+* ``engine``             the integer engine.
+
+For each: top-1, top-1 agreement with ``fakequant``, and the top-1 difference to ``fakequant``
+with its 95% interval (``intsim.metrics.paired_top1_difference``: only the images that exactly
+one of the two gets right move the difference). When the int-grid sibling disagrees with the
+fake-quant model about as often as the engine does, the engine's gap is the model's sensitivity to
+sub-step perturbations, not an error of the integer operators.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+LEVELS = ("fakequant", "fakequant float64", "fakequant int-grid", "engine")
+
+
+def add_arguments(p) -> None:
+    from .cli import _add_calib_args, _add_model_args, _count_or_all
+    _add_model_args(p)
+    _add_calib_args(p)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--program", metavar="FILE", help="evaluate this program file instead of calibrating")
+    g.add_argument("--data", metavar="PATH", help="evaluation images (default: the bundled 2,000 test images)")
+    g.add_argument("--images", type=_count_or_all, default=None, help="number of evaluation images, or 'all'")
+    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def run(a) -> int:
+    from program.format import load
+    from reference.vit import FakeQuantViT
+    from reference.zoo import DEFAULT_MODEL, load_model
+
+    from . import metrics
+    from .cli import (_calibrate, _load_calib_images, _model_for_program, _transform, check_writable,
+                      print_report)
+    from .data import load_images
+    from .engine import Engine
+
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, not {a.batch_size}")
+    check_writable(a.json, "JSON report")
+    progress = not a.no_progress
+    calib_s = None
+    if a.program:
+        prog = load(a.program)
+        model, spec, info = _model_for_program(a, prog)
+    else:
+        model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
+                                       checkpoint=a.checkpoint, seed=a.seed)
+    if prog_arch(prog if a.program else None, model) == "swin":
+        raise UserError(f"the sensitivity study is implemented for ViT / DeiT programs, not Swin ({spec.name})")
+    tf, _ = _transform(spec)
+    data = load_images(a.data, tf, a.images if a.images is not None or a.data is not None else 2000,
+                       split="eval", seed=a.seed, progress=progress)
+    if not a.program:
+        cal = _load_calib_images(a, spec, progress)
+        prog, calib_s = _calibrate(a, model, spec, info, cal, progress)
+    if len(data.classes) != prog.model.get("num_classes"):
+        raise UserError("the evaluation data's classes do not match the model's classifier; the sensitivity "
+                        "study needs labelled images of the model's classes")
+    labels = data.labels
+
+    def fq_level(**kw):
+        fq = FakeQuantViT(prog, **kw)
+        with torch.inference_mode():
+            return np.concatenate([fq(data.images[s:s + a.batch_size]).double().numpy()
+                                   for s in range(0, len(data.images), a.batch_size)])
+
+    runners = {
+        "fakequant": lambda: fq_level(),
+        "fakequant float64": lambda: fq_level(dtype=torch.float64),
+        "fakequant int-grid": lambda: fq_level(int_grid=True),
+        "engine": lambda: Engine(prog).run(data.images, a.batch_size).logits.astype(np.float64),
+    }
+    from tqdm import tqdm
+    logits, secs = {}, {}
+    for name in tqdm(LEVELS, desc="sensitivity", unit="level", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        logits[name] = runners[name]()
+        secs[name] = round(time.perf_counter() - t0, 2)
+    ref = logits["fakequant"]
+    rows = []
+    for name in LEVELS:
+        pd = metrics.paired_top1_difference(logits[name], ref, labels)
+        rows.append({"level": name, "top1": metrics.top1(logits[name], labels),
+                     "agree_fakequant": metrics.agreement(logits[name], ref),
+                     "minus_fakequant": pd["diff"], "ci95": pd["ci95"], "only_right": pd["only_a"],
+                     "only_fakequant_right": pd["only_b"], "seconds": secs[name]})
+    s = prog.settings
+    cinfo = prog.header.get("provenance", {}).get("calibration", {})
+    report = {"model": spec.name, "wbits": s["wbits"], "abits": s["abits"],
+              "softmax_quant": cinfo.get("softmax_quant"), "ln_rule": cinfo.get("ln_rule"),
+              "program": a.program, "images": len(data.images), "eval_source": data.source,
+              "calibration_s": None if calib_s is None else round(calib_s, 2), "results": rows}
+    title = (f"model {spec.name}, W{s['wbits']}A{s['abits']} {cinfo.get('softmax_quant')} + {cinfo.get('ln_rule')}, "
+             f"{len(data.images)} images from {data.source}")
+    return print_report(title, format_table(report), report, a.json)
+
+
+def prog_arch(prog, model) -> str:
+    """'swin' for a Swin program or model, else 'vit'."""
+    if prog is not None:
+        return "swin" if prog.model.get("arch") == "swin" else "vit"
+    from reference.swin import is_swin
+    return "swin" if is_swin(model) else "vit"
+
+
+def format_table(report: dict) -> str:
+    cols = ("level", "top-1 %", "agree fq %", "minus fq (points)", "95% interval", "only it right",
+            "only fq right")
+    lines = [cols]
+    for r in report["results"]:
+        lines.append((r["level"], f"{100 * r['top1']:.2f}", f"{100 * r['agree_fakequant']:.2f}",
+                      f"{100 * r['minus_fakequant']:+.2f}", f"+-{100 * r['ci95']:.2f}", str(r["only_right"]),
+                      str(r["only_fakequant_right"])))
+    w = [max(len(row[i]) for row in lines) for i in range(len(cols))]
+    out = ["  ".join(v.rjust(x) if i else v.ljust(x) for i, (v, x) in enumerate(zip(row, w))) for row in lines]
+    out.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(out)
