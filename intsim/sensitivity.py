@@ -12,6 +12,10 @@ evaluating on the same images:
 * ``fakequant int-grid`` float32, and every ``int`` value of the program (residual stream,
   GELU input, logits) rounded to the grid the integer program stores it on (its scale and bits):
   a float model that shares only the engine's storage of those values;
+* ``fakequant + integer layernorm`` / ``attention`` / ``gelu``: the fake-quant model with the ops
+  of one type executed by the engine's integer implementation (``intsim.engine.run_op``), their
+  inputs rounded to the program's grid and their outputs dequantized: which integer operator
+  moves the decisions;
 * ``engine``             the integer engine.
 
 For each: top-1, top-1 agreement with ``fakequant``, and the top-1 difference to ``fakequant``
@@ -29,7 +33,40 @@ import torch
 
 from .errors import UserError
 
-LEVELS = ("fakequant", "fakequant float64", "fakequant int-grid", "engine")
+INTEGER_OP_TYPES = ("layernorm", "attention", "gelu")
+LEVELS = ("fakequant", "fakequant float64", "fakequant int-grid",
+          *(f"fakequant + integer {t}" for t in INTEGER_OP_TYPES), "engine")
+
+
+def hybrid_fakequant(program, integer_types):
+    """The fake-quant model of ``program`` with the ops whose type is in ``integer_types`` run by
+    the engine's integer implementation. A value enters such an op as its integer code
+    (``round(x / scale) + zero_point`` for codes, ``round(x / scale)`` clamped to the signed
+    ``bits`` for int values) and leaves it dequantized."""
+    from reference.vit import FakeQuantViT
+
+    from .engine import run_op
+
+    class Hybrid(FakeQuantViT):
+        def _to_int(self, name, x):
+            v = self.program.values[name]
+            q = torch.round(x.double() / float(v["scale"]))
+            if v["kind"] == "codes":
+                q = q + int(v["zero_point"])
+            elif v["kind"] == "int":
+                b = int(v["bits"])
+                q = q.clamp(-(1 << (b - 1)), (1 << (b - 1)) - 1)
+            return q.to(torch.int64).numpy()
+
+        def _run(self, op, env):
+            if op["type"] not in integer_types:
+                return super()._run(op, env)
+            y, _ = run_op(self.program, op, *(self._to_int(n, env[n]) for n in op["inputs"]))
+            v = self.program.values[op["output"]]
+            zp = int(v["zero_point"]) if v["kind"] == "codes" else 0
+            return torch.from_numpy((y - zp).astype(np.float64) * float(v["scale"])).to(self.dtype)
+
+    return Hybrid(program)
 
 
 def add_arguments(p) -> None:
@@ -79,8 +116,8 @@ def run(a) -> int:
                         "study needs labelled images of the model's classes")
     labels = data.labels
 
-    def fq_level(**kw):
-        fq = FakeQuantViT(prog, **kw)
+    def fq_level(integer_type=None, **kw):
+        fq = FakeQuantViT(prog, **kw) if integer_type is None else hybrid_fakequant(prog, {integer_type})
         with torch.inference_mode():
             return np.concatenate([fq(data.images[s:s + a.batch_size]).double().numpy()
                                    for s in range(0, len(data.images), a.batch_size)])
@@ -89,6 +126,7 @@ def run(a) -> int:
         "fakequant": lambda: fq_level(),
         "fakequant float64": lambda: fq_level(dtype=torch.float64),
         "fakequant int-grid": lambda: fq_level(int_grid=True),
+        **{f"fakequant + integer {t}": (lambda t=t: fq_level(integer_type=t)) for t in INTEGER_OP_TYPES},
         "engine": lambda: Engine(prog).run(data.images, a.batch_size).logits.astype(np.float64),
     }
     from tqdm import tqdm

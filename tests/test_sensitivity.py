@@ -84,7 +84,9 @@ def test_sensitivity_command(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "int-grid" in text and "95% interval" in text
     rep = json.loads(out.read_text())
-    assert [r["level"] for r in rep["results"]] == ["fakequant", "fakequant float64", "fakequant int-grid", "engine"]
+    assert [r["level"] for r in rep["results"]] == [
+        "fakequant", "fakequant float64", "fakequant int-grid", "fakequant + integer layernorm",
+        "fakequant + integer attention", "fakequant + integer gelu", "engine"]
     ref = rep["results"][0]
     assert ref["agree_fakequant"] == 1.0 and ref["minus_fakequant"] == 0.0 and ref["ci95"] == 0.0
     for r in rep["results"]:
@@ -96,3 +98,16 @@ def test_sensitivity_bad_input(capsys, tmp_path):
     assert main(["sensitivity", "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
     assert main(["sensitivity", "--program", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_hybrid_with_every_integer_op_equals_the_engine(small_program):
+    """With every op type executed by the engine, the hybrid's logits are the engine's, dequantized:
+    the conversions between the float and the integer representation are exact."""
+    from intsim.engine import Engine
+    from intsim.sensitivity import hybrid_fakequant
+    prog = small_program
+    types = {op["type"] for op in prog.ops}
+    x = np.random.default_rng(2).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    got = hybrid_fakequant(prog, types)(x).double().numpy()
+    eng = Engine(prog).run(x)
+    np.testing.assert_array_equal(np.round(got / eng.scale).astype(np.int64), eng.logits)
