@@ -344,6 +344,18 @@ def cmd_calibrate(a) -> int:
     return 0
 
 
+def program_and_model(a):
+    """``(program or None, model, spec, info)``: the program of ``--program`` with its matching float
+    model, or (no ``--program``) the model of ``--model`` / ``--weights`` / ``--checkpoint``."""
+    from program.format import load
+    from reference.zoo import DEFAULT_MODEL, load_model
+    if a.program:
+        prog = load(a.program)
+        return (prog, *_model_for_program(a, prog))
+    return (None, *load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
+                              checkpoint=a.checkpoint, seed=a.seed))
+
+
 def _model_for_program(a, prog):
     """The float model matching a loaded program: explicit options win, else the provenance."""
     from reference.zoo import load_model
@@ -367,10 +379,9 @@ def _calibration_info(prog) -> dict:
 
 
 def cmd_run(a) -> int:
-    from program.format import load, save
+    from program.format import save
     from reference.golden import run as golden_run
     from reference.vit import FakeQuantViT
-    from reference.zoo import DEFAULT_MODEL, load_model
 
     from . import evaluate as ev
     from .data import open_images
@@ -382,12 +393,7 @@ def cmd_run(a) -> int:
     _parse_settings(a.set)
     progress = not a.no_progress
     calib_s = None
-    if a.program:
-        prog = load(a.program)
-        model, spec, info = _model_for_program(a, prog)
-    else:
-        model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
-                                       checkpoint=a.checkpoint, seed=a.seed)
+    prog, model, spec, info = program_and_model(a)
     tf, dc = _transform(spec)
     n_images = a.images if a.images is not None else (2000 if tf.size <= 64 else 128)
     if a.images is None and a.data is not None:

@@ -82,13 +82,10 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> int:
-    from program.format import load
     from reference.vit import FakeQuantViT
-    from reference.zoo import DEFAULT_MODEL, load_model
 
     from . import metrics
-    from .cli import (_calibrate, _load_calib_images, _model_for_program, _transform, check_writable,
-                      print_report)
+    from .cli import _calibrate, _load_calib_images, _transform, check_writable, print_report, program_and_model
     from .data import load_images
     from .engine import Engine
 
@@ -97,13 +94,8 @@ def run(a) -> int:
     check_writable(a.json, "JSON report")
     progress = not a.no_progress
     calib_s = None
-    if a.program:
-        prog = load(a.program)
-        model, spec, info = _model_for_program(a, prog)
-    else:
-        model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
-                                       checkpoint=a.checkpoint, seed=a.seed)
-    if prog_arch(prog if a.program else None, model) == "swin":
+    prog, model, spec, info = program_and_model(a)
+    if prog_arch(prog, model) == "swin":
         raise UserError(f"the sensitivity study is implemented for ViT / DeiT programs, not Swin ({spec.name})")
     tf, _ = _transform(spec)
     data = load_images(a.data, tf, a.images if a.images is not None or a.data is not None else 2000,
