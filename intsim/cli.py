@@ -111,6 +111,15 @@ def print_report(title: str, table: str, report: dict, json_path: str | None) ->
     return 0
 
 
+def text_table(rows) -> str:
+    """Rows of strings (the first one the header) as aligned text: first column left-justified,
+    the others right-justified, a dashed line under the header."""
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(v.rjust(x) if i else v.ljust(x) for i, (v, x) in enumerate(zip(r, w))) for r in rows]
+    out.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(out)
+
+
 def _json_default(o):
     import numpy as np
     if isinstance(o, np.integer):

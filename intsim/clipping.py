@@ -133,7 +133,5 @@ def format_table(report: dict) -> str:
     lines = [cols]
     for level, label in (("float", "float"), ("fakequant", f"fake-quant W{report['wbits']}A{report['abits']}")):
         lines.append([label] + [f"{100 * by[(level, m)]:.2f}" for m in MODES])
-    w = [max(len(r[i]) for r in lines) for i in range(len(cols))]
-    out = ["  ".join(v.rjust(x) if i else v.ljust(x) for i, (v, x) in enumerate(zip(r, w))) for r in lines]
-    out.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(out)
+    from .cli import text_table
+    return text_table(lines)

@@ -53,9 +53,7 @@ def format_table(report: dict) -> str:
     rows = [("point", "widest channel", "median channel", "widest / median")]
     for name, v in report["points"].items():
         rows.append((name, f"{v['max']:.3f}", f"{v['median']:.3f}", f"{v['max_over_median']:.1f}"))
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(x) if i == 0 else c.rjust(x) for i, (c, x) in enumerate(zip(r, w))) for r in rows]
-    lines.insert(1, "  ".join("-" * x for x in w))
+    from .cli import text_table
     m = report["max_over_median"]
-    lines.append(f"\nwidest / median over the points: min {m['min']:.1f}, median {m['median']:.1f}, max {m['max']:.1f}")
-    return "\n".join(lines)
+    return (text_table(rows)
+            + f"\n\nwidest / median over the points: min {m['min']:.1f}, median {m['median']:.1f}, max {m['max']:.1f}")

@@ -95,7 +95,8 @@ def run(a) -> int:
     progress = not a.no_progress
     calib_s = None
     prog, model, spec, info = program_and_model(a)
-    if prog_arch(prog, model) == "swin":
+    from reference.swin import is_swin
+    if is_swin(model):
         raise UserError(f"the sensitivity study is implemented for ViT / DeiT programs, not Swin ({spec.name})")
     tf, _ = _transform(spec)
     data = load_images(a.data, tf, a.images if a.images is not None or a.data is not None else 2000,
@@ -146,14 +147,6 @@ def run(a) -> int:
     return print_report(title, format_table(report), report, a.json)
 
 
-def prog_arch(prog, model) -> str:
-    """'swin' for a Swin program or model, else 'vit'."""
-    if prog is not None:
-        return "swin" if prog.model.get("arch") == "swin" else "vit"
-    from reference.swin import is_swin
-    return "swin" if is_swin(model) else "vit"
-
-
 def format_table(report: dict) -> str:
     cols = ("level", "top-1 %", "agree fq %", "minus fq (points)", "95% interval", "only it right",
             "only fq right")
@@ -162,7 +155,5 @@ def format_table(report: dict) -> str:
         lines.append((r["level"], f"{100 * r['top1']:.2f}", f"{100 * r['agree_fakequant']:.2f}",
                       f"{100 * r['minus_fakequant']:+.2f}", f"+-{100 * r['ci95']:.2f}", str(r["only_right"]),
                       str(r["only_fakequant_right"])))
-    w = [max(len(row[i]) for row in lines) for i in range(len(cols))]
-    out = ["  ".join(v.rjust(x) if i else v.ljust(x) for i, (v, x) in enumerate(zip(row, w))) for row in lines]
-    out.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(out)
+    from .cli import text_table
+    return text_table(lines)
