@@ -15,5 +15,7 @@ CONFIG = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, ml
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation="bicubic", crop_pct=1.0, mean=MEAN, std=STD)
 
 
-def build(drop_path_rate: float = 0.0) -> VisionTransformer:
-    return VisionTransformer(**CONFIG, drop_path_rate=drop_path_rate)
+def build(drop_path_rate: float = 0.0, patch_drop_rate: float = 0.0) -> VisionTransformer:
+    """The architecture; ``patch_drop_rate`` (timm's PatchDropout, training mode only: a random
+    share of the patch tokens is left out of each image) changes training, not the model."""
+    return VisionTransformer(**CONFIG, drop_path_rate=drop_path_rate, patch_drop_rate=patch_drop_rate)

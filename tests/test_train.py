@@ -73,3 +73,49 @@ def test_cache_is_tied_to_the_source(tree, tmp_path):
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(other / "test" / c / "0000.png")
     x2, _ = train_cifar._cached_split(other, "test", cache)
     assert len(x1) == 20 and len(x2) == 10 and not x2.any()
+
+
+def test_sincos_position_table():
+    """Channel blocks hold sin/cos of the patch row and column; the class-token row is zero."""
+    grid, dim = 8, 192
+    pe = train_cifar.sincos_pos_embed(grid, dim, num_prefix=1)
+    assert pe.shape == (1, 1 + grid * grid, dim) and pe.dtype == train_cifar.torch.float32
+    assert not pe[0, 0].any()
+    q = dim // 4
+    for y, x in ((0, 0), (3, 5), (7, 1)):
+        row = pe[0, 1 + y * grid + x].double().numpy()
+        for i in (0, 1, q - 1):
+            w = 10000.0 ** (-i / q)
+            np.testing.assert_allclose(row[[i, q + i, 2 * q + i, 3 * q + i]],
+                                       [np.sin(y * w), np.cos(y * w), np.sin(x * w), np.cos(x * w)], atol=1e-6)
+    assert len({tuple(r) for r in pe[0, 1:].numpy().round(5)}) == grid * grid     # every patch distinct
+    with pytest.raises(ValueError, match="multiple of 4"):
+        train_cifar.sincos_pos_embed(grid, 190)
+
+
+def test_position_init_option(tree, tmp_path, monkeypatch):
+    """--pos-init sincos starts the learned pos_embed at the table; trunc_normal leaves timm's init."""
+    seen = {}
+    real_build = train_cifar.cifar_model.build
+
+    def build_and_keep(**kw):
+        seen["model"] = real_build(**kw)
+        return seen["model"]
+    monkeypatch.setattr(train_cifar.cifar_model, "build", build_and_keep)
+    start = {}
+    real_clip = train_cifar.torch.nn.utils.clip_grad_norm_
+
+    def first_step(params, max_norm):                     # called before the first optimizer step
+        start.setdefault("pos", seen["model"].pos_embed.detach().clone())
+        start["max_norm"] = max_norm
+        return real_clip(params, max_norm)
+    monkeypatch.setattr(train_cifar.torch.nn.utils, "clip_grad_norm_", first_step)
+    argv = ["--data", str(tree), "--out", str(tmp_path / "s"), "--epochs", "1", "--batch", "64",
+            "--threads", "1", "--cache", str(tmp_path / "cache"), "--grad-clip", "0.5"]
+    assert train_cifar.main(argv) == 0
+    assert start["max_norm"] == 0.5
+    assert train_cifar.torch.equal(start["pos"], train_cifar.sincos_pos_embed(8, 192))
+    start.clear()
+    argv[3] = str(tmp_path / "t")
+    assert train_cifar.main(argv + ["--pos-init", "trunc_normal"]) == 0
+    assert start["pos"].abs().max() < 0.1                 # timm's trunc_normal(std 0.02) init
