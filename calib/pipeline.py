@@ -205,7 +205,8 @@ def fakequant_logits(mc: ModelCalib, params: ViTParams, images: np.ndarray) -> t
 def channelwise_fakequant(model, images, mean, std, config: CalibConfig, eval_images) -> np.ndarray:
     """Fake-quant logits (N, C) float64 on ``eval_images`` of the model calibrated with per-channel
     post-LayerNorm quantizers and no reparameterization (``config.ln_rule == "channel"``): the upper
-    bound of the MOSF / mean rules, which no integer program can express (see calib.config)."""
+    bound of the MOSF / mean rules, which no integer program can express (see calib.config).
+    ``eval_images``: uint8 (N, 3, H, W), or an iterable of such chunks (evaluated one at a time)."""
     if config.ln_rule != "channel":
         raise ValueError("channelwise_fakequant is for ln_rule='channel'")
     settings = config.resolved_settings()
@@ -213,7 +214,9 @@ def channelwise_fakequant(model, images, mean, std, config: CalibConfig, eval_im
     with torch.no_grad():
         params = params_from_timm(model, mean, std)
         mc = calibrate_params(params, _check_images(images, params.img_size), config, settings, False)
-        return fakequant_logits(mc, params, _check_images(eval_images, params.img_size)).double().numpy()
+        chunks = [eval_images] if isinstance(eval_images, (np.ndarray, torch.Tensor)) else eval_images
+        return np.concatenate([fakequant_logits(mc, params, _check_images(c, params.img_size)).double().numpy()
+                               for c in chunks])
 
 
 def _check_images(images, img_size: int) -> np.ndarray:

@@ -94,20 +94,15 @@ def run(a) -> int:
     rows = []
     bar = tqdm(total=2 * len(MODES), desc="clipping", unit="eval", disable=not progress, leave=False)
     for mode in MODES:
-        for level in ("float", "fakequant"):
+        hook = None if mode == "none" else \
+            (lambda n, t, _m=mode: zero_fraction(t, a.fraction, _m) if n.endswith(".probs") else t)
+        levels = (("float", lambda x, _h=hook: forward(params, x, hook=_h)),
+                  ("fakequant", FakeQuantViT(prog, probs_transform=None if mode == "none" else edit(mode))))
+        for level, model_fn in levels:
             t0 = time.perf_counter()
-            outs = []
-            fq = FakeQuantViT(prog, probs_transform=None if mode == "none" else edit(mode))
             with torch.inference_mode():
-                for s in range(0, len(data.images), a.batch_size):
-                    x = data.images[s:s + a.batch_size]
-                    if level == "float":
-                        hook = None if mode == "none" else \
-                            (lambda n, t, _m=mode: zero_fraction(t, a.fraction, _m) if n.endswith(".probs") else t)
-                        outs.append(forward(params, x, hook=hook).double().numpy())
-                    else:
-                        outs.append(fq(x).double().numpy())
-            logits = np.concatenate(outs)
+                logits = np.concatenate([model_fn(data.images[s:s + a.batch_size]).double().numpy()
+                                         for s in range(0, len(data.images), a.batch_size)])
             rows.append({"level": level, "mode": mode, "top1": metrics.top1(logits, labels),
                          "seconds": round(time.perf_counter() - t0, 2)})
             bar.update(1)

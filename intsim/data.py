@@ -44,6 +44,13 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def chunks(self, size: int, start: int = 0):
+        """Yield ``(offset, ImageSet)`` slices of at most ``size`` images (the :class:`ImageStream` interface)."""
+        for s in range(start, len(self), size):
+            e = min(len(self), s + size)
+            yield s, ImageSet(self.images[s:e], None if self.labels is None else self.labels[s:e], self.ids[s:e],
+                              self.classes, self.source)
+
     def take(self, n: int | None) -> "ImageSet":
         if n is None or n >= len(self):
             return self

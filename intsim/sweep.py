@@ -7,7 +7,10 @@ as each point finishes, so an interrupted sweep resumes where it stopped: points
 already there are skipped. ``OUT/results.csv`` and ``OUT/results.json`` are rewritten from it at
 the end, followed by the plots ``OUT/accuracy_vs_bops.png`` and
 ``OUT/accuracy_vs_weight_storage.png`` (``intsim plot sweep``; a plotting failure leaves the
-results intact). ``--jobs N`` runs points in N worker processes.
+results intact). ``--jobs N`` runs points in N worker processes, each with its share of the
+cores the process may use (its CPU affinity). Evaluation images are decoded once per worker
+when they fit in ``IN_MEMORY_BYTES`` (1 GiB), otherwise chunk by chunk at every point, so memory
+stays flat on large sets.
 """
 from __future__ import annotations
 
@@ -23,6 +26,25 @@ from .errors import UserError
 
 GRID_AXES = ("wbits", "abits", "softmax_quant", "ln_rule")
 
+
+#: Evaluation images up to this many decoded bytes stay in memory for all of a worker's points
+#: (CIFAR-10's 10,000 test images: 31 MB); a larger set is decoded again, chunk by chunk, per point,
+#: so memory stays flat (50,000 ImageNet images at 224 px would take 7.5 GB).
+IN_MEMORY_BYTES = 1 << 30
+
+
+def _golden_count(v: str) -> int | None:
+    """``--golden-images``: 0, a positive count, or 'all' (None)."""
+    from .cli import _count_or_all
+    return 0 if v.strip() == "0" else _count_or_all(v)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under ``taskset``), not all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                              # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 def _csv_list(kind):
     def parse(v: str):
@@ -65,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"reconstruction steps per block ({RD['recon_iters']})")
     p.add_argument("--recon-lr", type=float, default=RD["recon_lr"],
                    help=f"reconstruction learning rate ({RD['recon_lr']:g})")
-    p.add_argument("--golden-images", type=int, default=0, help="golden model on the first N images per point (0)")
+    p.add_argument("--golden-images", type=_golden_count, default=0,
+                   help="golden model on the first N images per point, or 'all' (default 0)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
@@ -141,25 +164,36 @@ def _init_worker(a_dict: dict) -> None:
     import torch
     from reference.zoo import DEFAULT_MODEL, data_config, load_model
 
-    from .data import Transform, load_images
+    from .data import Transform, load_images, open_images
     a = argparse.Namespace(**a_dict)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, a.jobs)))
+    torch.set_num_threads(max(1, usable_cores() // max(1, a.jobs)))
     model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights, checkpoint=a.checkpoint, seed=a.seed)
     dc = data_config(spec)
     tf = Transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"])
     n = None if a.images in (None, "all") else int(a.images)
-    data = load_images(a.data, tf, n, split="eval", seed=a.seed)
+    data = open_images(a.data, tf, n, split="eval", seed=a.seed)
+    if len(data) * 3 * tf.size * tf.size <= IN_MEMORY_BYTES:
+        data = data.read()              # decoded once for all points; else decoded chunk by chunk per point
     cal = load_images(a.calib_data, tf, a.calib_images, split="calib", seed=a.seed)
     recon = None
     if getattr(a, "reconstruct", False):
         recon = load_images(a.calib_data, tf, a.recon_images, split="calib", seed=a.seed)
+    _STATE.clear()                      # nothing (e.g. the float level) carries over from an earlier sweep
     _STATE.update(a=a, model=model, spec=spec, info=info, dc=dc, data=data, cal=cal, recon=recon)
+
+
+def _chunk() -> int:
+    """Images per evaluation chunk: a multiple of the batch size (the batches are those of one pass)."""
+    bs = _STATE["a"].batch_size
+    return bs * max(1, -(-256 // bs))
 
 
 def _float_level():
     from . import evaluate as ev
     s = _STATE
-    return ev.run_float(s["model"], s["data"].images, s["dc"]["mean"], s["dc"]["std"], s["a"].batch_size, False)
+    mean, std, bs = s["dc"]["mean"], s["dc"]["std"], s["a"].batch_size
+    levels = {"float": lambda x: ev.run_float(s["model"], x, mean, std, bs, False)}
+    return ev.evaluate_stream(s["data"], levels, _chunk()).levels["float"]
 
 
 def _run_point(p: dict) -> dict:
@@ -185,22 +219,23 @@ def _run_point(p: dict) -> dict:
                      provenance=dict(s["info"], calib_images=s["cal"].ids), progress=False,
                      recon_images=None if s.get("recon") is None else s["recon"].images)
     calib_s = time.perf_counter() - t0
-    evaluation = ev.Evaluation()
-    evaluation.levels["float"] = s["float"]
-    evaluation.levels["fakequant"] = ev.run_fakequant(FakeQuantViT(prog), data.images, a.batch_size, False)
     scale = float(prog.values[prog.output]["scale"])
+    fq = FakeQuantViT(prog)
     eng = Engine(prog)
-    evaluation.levels["engine"] = ev.run_integer(lambda x: eng.run(x, batch_size=a.batch_size), data.images, scale,
-                                                 a.batch_size, "engine", False)
-    if a.golden_images > 0:
-        n = min(a.golden_images, len(data.images))
-        evaluation.levels["golden"] = ev.run_integer(lambda x: golden_run(prog, x), data.images[:n], scale,
-                                                     a.batch_size, "golden", False)
+    bs = a.batch_size
+    levels = {
+        "fakequant": lambda x: ev.run_fakequant(fq, x, bs, False),
+        "engine": lambda x: ev.run_integer(lambda y: eng.run(y, batch_size=bs), x, scale, bs, "engine", False),
+        "golden": lambda x: ev.run_integer(lambda y: golden_run(prog, y), x, scale, bs, "golden", False),
+    }
+    n_golden = len(data) if a.golden_images is None else a.golden_images
+    evaluation = ev.evaluate_stream(data, levels, _chunk(), limits={"golden": n_golden})
+    evaluation.levels = {"float": s["float"], **evaluation.levels}
     labels = data.labels if len(data.classes) == prog.model.get("num_classes") else None
     rep = ev.compare(evaluation, labels)
     row = {"key": point_key(p), **{k: p[k] for k in GRID_AXES}, "settings": p["settings"],
            **({"reconstruct": True} if p.get("reconstruct") else {}),
-           "calibration_s": round(calib_s, 2), "images": len(data.images)}
+           "calibration_s": round(calib_s, 2), "images": len(data)}
     for lvl, r in rep["levels"].items():
         for k, v in r.items():
             if k not in ("images",):
@@ -228,15 +263,16 @@ def _run_channel_point(p: dict, cfg) -> dict:
     s = _STATE
     data = s["data"]
     t0 = time.perf_counter()
-    logits = channelwise_fakequant(s["model"], s["cal"].images, s["dc"]["mean"], s["dc"]["std"], cfg, data.images)
+    logits = channelwise_fakequant(s["model"], s["cal"].images, s["dc"]["mean"], s["dc"]["std"], cfg,
+                                   (part.images for _, part in data.chunks(_chunk())))
     secs = time.perf_counter() - t0
     evaluation = ev.Evaluation()
     evaluation.levels["float"] = s["float"]
-    evaluation.levels["fakequant"] = ev.LevelResult(logits, secs, len(data.images))
+    evaluation.levels["fakequant"] = ev.LevelResult(logits, secs, len(data))
     labels = data.labels if len(data.classes) == logits.shape[1] else None
     rep = ev.compare(evaluation, labels)
     row = {"key": point_key(p), **{k: p[k] for k in GRID_AXES}, "settings": p["settings"], "fakequant_only": True,
-           "calibration_s": round(secs, 2), "images": len(data.images)}
+           "calibration_s": round(secs, 2), "images": len(data)}
     for lvl, r in rep["levels"].items():
         for k, v in r.items():
             if k != "images":
@@ -303,7 +339,7 @@ def run(a) -> int:
             ctx = mp.get_context("spawn")
             # Each worker gets its share of the cores for every thread pool it loads (torch, numba,
             # BLAS); spawned children read these at start-up, before they import numpy.
-            share = str(max(1, (os.cpu_count() or 1) // a.jobs))
+            share = str(max(1, usable_cores() // a.jobs))
             pools = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
             saved = {k: os.environ.get(k) for k in pools}
             os.environ.update({k: share for k in pools})

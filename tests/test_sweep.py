@@ -48,3 +48,27 @@ def test_bad_grid(tmp_path, capsys):
     assert "unknown LN rule" in capsys.readouterr().err
     assert main(["sweep", "--ln-rule", "channel", "--reconstruct", "-o", str(tmp_path)]) == 2
     assert "channel" in capsys.readouterr().err
+
+
+def test_streamed_evaluation_matches_in_memory(swept, tmp_path, monkeypatch):
+    """Above the in-memory limit the images are decoded chunk by chunk per point; the rows are the
+    same, and ``--golden-images all`` runs the golden model on every image."""
+    from intsim import sweep
+    monkeypatch.setattr(sweep, "IN_MEMORY_BYTES", 0)
+    args = [a if a != "4" or i != ARGS.index("--golden-images") + 1 else "all" for i, a in enumerate(ARGS)]
+    assert main(args + ["-o", str(tmp_path)]) == 0
+    got = {r["key"]: r for r in json.loads((tmp_path / "results.json").read_text())["points"]}
+    ref = {r["key"]: r for r in json.loads((swept / "results.json").read_text())["points"]}
+    assert set(got) == set(ref)
+    for key, r in got.items():
+        for k in ("float.top1", "fakequant.top1", "engine.top1", "fakequant.agree_float", "images"):
+            if k in ref[key]:
+                assert r[k] == ref[key][k], (key, k)
+    assert got["W4A4|tanq|mosf|"]["engine_vs_golden.images"] == 16
+    assert got["W4A4|tanq|mosf|"]["engine_vs_golden.logits_differing"] == 0
+
+
+def test_golden_images_argument(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--golden-images", "-3", "-o", str(tmp_path)])
+    assert e.value.code == 2 and "--golden-images" in capsys.readouterr().err
