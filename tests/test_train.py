@@ -119,3 +119,16 @@ def test_position_init_option(tree, tmp_path, monkeypatch):
     argv[3] = str(tmp_path / "t")
     assert train_cifar.main(argv + ["--pos-init", "trunc_normal"]) == 0
     assert start["pos"].abs().max() < 0.1                 # timm's trunc_normal(std 0.02) init
+
+
+def test_recipe_probe(tree, tmp_path):
+    """A probe trains the compressed schedule and logs its top-1; too few images is an error."""
+    from reference import recipe_probe
+    log = tmp_path / "probes.jsonl"
+    argv = ["p", "--data", str(tree), "--images", "64", "--batch", "32", "--cache", str(tmp_path / "c"),
+            "--log", str(log), "--pos-init", "sincos", "--patch-drop", "0.5"]
+    assert recipe_probe.main(argv) == 0
+    rec = json.loads(log.read_text())
+    assert rec["name"] == "p" and rec["steps"] == 2 and rec["test_images"] == 4 and 0 <= rec["top1"] <= 1
+    with pytest.raises(ValueError, match="less than one batch"):
+        recipe_probe.main(argv[:4] + ["16"] + argv[5:])
