@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -30,8 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cifar_model
-from .train_cifar import _augment, _cached_split, _to_tensor, evaluate, sincos_pos_embed
+from .train_cifar import _augment, _cached_split, _to_tensor, adamw, build_model, evaluate, warmup_cosine
 
 
 def probe(data: Path, cache: Path, *, images: int, batch: int, lr: float, weight_decay: float, pos_init: str,
@@ -41,15 +39,8 @@ def probe(data: Path, cache: Path, *, images: int, batch: int, lr: float, weight
     xte, yte = _cached_split(data, "test", cache)
     xte, yte = xte[::5], yte[::5]
     torch.manual_seed(seed)
-    model = cifar_model.build(patch_drop_rate=patch_drop)
-    if pos_init == "sincos":
-        with torch.no_grad():
-            model.pos_embed.copy_(sincos_pos_embed(model.patch_embed.grid_size[0], model.embed_dim,
-                                                   model.num_prefix_tokens))
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr)
+    model = build_model(pos_init, patch_drop)
+    opt = adamw(model, lr, weight_decay)
     steps = images // batch
     if steps < 1:
         raise ValueError(f"--images {images} is less than one batch of {batch}")
@@ -63,9 +54,8 @@ def probe(data: Path, cache: Path, *, images: int, batch: int, lr: float, weight
     for s in range(steps):
         idx = order[s * batch:(s + 1) * batch]
         x = _augment(_to_tensor(xtr[idx]), g)
-        rate = lr * (s + 1) / warm if s < warm else 0.5 * lr * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
         for pg in opt.param_groups:
-            pg["lr"] = rate
+            pg["lr"] = warmup_cosine(s, lr, warm, steps)
         loss = F.cross_entropy(model(x), torch.from_numpy(ytr[idx]), label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -86,6 +86,34 @@ def sincos_pos_embed(grid: int, dim: int, num_prefix: int = 1) -> torch.Tensor:
     return torch.cat([torch.zeros(num_prefix, dim, dtype=torch.float64), table]).unsqueeze(0).float()
 
 
+def build_model(pos_init: str = "sincos", patch_drop: float = 0.0, drop_path: float = 0.0) -> torch.nn.Module:
+    """The architecture (``cifar_model.build``) with its training-time options; ``pos_init``
+    "sincos" starts ``pos_embed`` from :func:`sincos_pos_embed`, "trunc_normal" keeps timm's init."""
+    model = cifar_model.build(drop_path_rate=drop_path, patch_drop_rate=patch_drop)
+    if pos_init == "sincos":
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_pos_embed(model.patch_embed.grid_size[0], model.embed_dim,
+                                                   model.num_prefix_tokens))
+    return model
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on biases, norms, pos_embed, cls_token)."""
+    def decays(name, p):
+        return p.ndim > 1 and "pos_embed" not in name and "cls_token" not in name
+    params = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
+                              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}], lr=lr)
+
+
+def warmup_cosine(step: int, peak: float, warm: int, total: int) -> float:
+    """Learning rate of ``step`` (0-based): linear warm-up to ``peak`` over ``warm`` steps, then
+    cosine decay to 0 at ``total``."""
+    if step < warm:
+        return peak * (step + 1) / warm
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
     model.eval()
@@ -130,24 +158,14 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     if not 0.0 <= a.patch_drop < 1.0:
         ap.error(f"--patch-drop must be in [0, 1), not {a.patch_drop}")
-    model = cifar_model.build(drop_path_rate=a.drop_path, patch_drop_rate=a.patch_drop)
-    if a.pos_init == "sincos":
-        grid = model.patch_embed.grid_size[0]
-        with torch.no_grad():
-            model.pos_embed.copy_(sincos_pos_embed(grid, model.embed_dim, model.num_prefix_tokens))
-    model = model.to(a.device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
+    model = build_model(a.pos_init, a.patch_drop, a.drop_path).to(a.device)
+    opt = adamw(model, a.lr, a.weight_decay)
     steps_per_epoch = len(xtr) // a.batch
     total = steps_per_epoch * a.epochs
     warm = steps_per_epoch // 2
 
     def lr_at(step: int) -> float:
-        if step < warm:
-            return a.lr * (step + 1) / warm
-        return 0.5 * a.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return warmup_cosine(step, a.lr, warm, total)
 
     g = torch.Generator().manual_seed(a.seed)
     start_epoch, elapsed = 0, 0.0
