@@ -46,6 +46,7 @@ def usable_cores() -> int:
     except AttributeError:                              # no sched_getaffinity (macOS, Windows)
         return os.cpu_count() or 1
 
+
 def _csv_list(kind):
     def parse(v: str):
         items = [x.strip() for x in v.split(",") if x.strip()]
