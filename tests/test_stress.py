@@ -1,6 +1,7 @@
 """The stress variant is function-preserving and does create outlier channels."""
 import copy
 
+import numpy as np
 import torch
 
 from reference import cifar_model
@@ -30,3 +31,21 @@ def test_profile_is_seeded():
     assert torch.equal(p.draw(64, g1), p.draw(64, g2))
     k = p.draw(200, torch.Generator().manual_seed(0))
     assert (k >= 10).sum() == 6 and k.min() > 0.2
+
+
+def test_bundled_stress_variant_matches_bundled_model_on_bundled_images():
+    """The registered stress variant, with the bundled weights, on bundled test images: logits equal
+    to float tolerance, top-1 agreement 100% (issue 8)."""
+    from intsim.data import Transform, load_images
+    from intsim.evaluate import run_float
+    from reference import zoo
+
+    model, spec, _ = zoo.load_model("cifar10_vit_d6")
+    stressed, _, info = zoo.load_model("cifar10_vit_d6_stress")
+    assert "stress_profile" in info
+    cfg = zoo.data_config(spec)
+    images = load_images(None, Transform(32), 128).images
+    a = run_float(model, images, cfg["mean"], cfg["std"], 64, False).logits
+    b = run_float(stressed, images, cfg["mean"], cfg["std"], 64, False).logits
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    assert (a.argmax(1) == b.argmax(1)).all()
