@@ -44,7 +44,7 @@ def test_bundled_stress_variant_matches_bundled_model_on_bundled_images():
     stressed, _, info = zoo.load_model("cifar10_vit_d6_stress")
     assert "stress_profile" in info
     cfg = zoo.data_config(spec)
-    images = load_images(None, Transform(32), 128).images
+    images = load_images(None, Transform(cfg["input_size"][-1]), 128).images
     a = run_float(model, images, cfg["mean"], cfg["std"], 64, False).logits
     b = run_float(stressed, images, cfg["mean"], cfg["std"], 64, False).logits
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
