@@ -7,6 +7,11 @@ initialized with a 2-D sine-cosine table, patch dropout 0.5 (every training imag
 half of its 64 patch tokens, which halves the cost of a step) for all but the last 2 epochs,
 18 epochs. Short probes on this machine (same compute, 2,000 test images) put the sine-cosine
 start at +5 points, patch dropout at +8 and both at +13 over the plain recipe; lr 2e-3 was worse.
+Two options save time without changing the recipe: ``--compile`` runs the training step through
+``torch.compile`` (a step timed alone on the 2-core CPU: 1.2x faster with patch dropout, 1.3x on
+all tokens; float rounding differs from the eager step), and ``--eval-images N`` measures the
+per-epoch test accuracy on a fixed class-balanced subset of N test images (the last epoch always
+uses the whole test set). The bundled weights were trained without either.
 Seeded; every epoch writes
 ``last.pt`` (model, optimizer, epoch, RNG state) into ``--out`` so a stopped run resumes with
 ``--resume``, and appends one JSON line (loss, test accuracy, wall time) to ``log.jsonl``.
@@ -114,13 +119,26 @@ def warmup_cosine(step: int, peak: float, warm: int, total: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def balanced_subset(y: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first ``n // classes`` images of every class (ascending); all when ``n`` is 0
+    or at least ``len(y)``."""
+    if n <= 0 or n >= len(y):
+        return np.arange(len(y))
+    classes = np.unique(y)
+    per = n // len(classes)
+    if per == 0:
+        raise ValueError(f"{n} evaluation images are fewer than the {len(classes)} classes")
+    return np.sort(np.concatenate([np.flatnonzero(y == c)[:per] for c in classes]))
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
     model.eval()
+    dev = next(model.parameters()).device
     correct = 0
     for i in range(0, len(x), batch):
-        logits = model(_to_tensor(x[i:i + batch]))
-        correct += int((logits.argmax(1).numpy() == y[i:i + batch]).sum())
+        logits = model(_to_tensor(x[i:i + batch]).to(dev))
+        correct += int((logits.argmax(1).cpu().numpy() == y[i:i + batch]).sum())
     return correct / len(x)
 
 
@@ -145,6 +163,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the training step through torch.compile (needs a C++ compiler)")
+    ap.add_argument("--eval-images", type=int, default=0,
+                    help="class-balanced test images measured after every epoch but the last, which "
+                         "uses the whole test set (0 = whole test set every epoch)")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/intsim"), help="decoded-array cache")
     a = ap.parse_args(argv)
 
@@ -159,6 +182,9 @@ def main(argv=None) -> int:
     if not 0.0 <= a.patch_drop < 1.0:
         ap.error(f"--patch-drop must be in [0, 1), not {a.patch_drop}")
     model = build_model(a.pos_init, a.patch_drop, a.drop_path).to(a.device)
+    # the compiled module shares the parameters; checkpoints and evaluation use ``model`` itself
+    step_model = torch.compile(model, dynamic=False) if a.compile else model
+    sub = balanced_subset(yte, a.eval_images)
     opt = adamw(model, a.lr, a.weight_decay)
     steps_per_epoch = len(xtr) // a.batch
     total = steps_per_epoch * a.epochs
@@ -193,7 +219,7 @@ def main(argv=None) -> int:
             yb = torch.from_numpy(ytr[idx]).to(a.device)
             for pg in opt.param_groups:
                 pg["lr"] = lr_at(epoch * steps_per_epoch + s)
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=0.1)
+            loss = F.cross_entropy(step_model(xb), yb, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if a.grad_clip > 0:
@@ -202,9 +228,11 @@ def main(argv=None) -> int:
             tot_loss += loss.item()
             if s % 50 == 0:
                 print(f"epoch {epoch + 1} step {s}/{steps_per_epoch} loss {loss.item():.3f}", flush=True)
-        acc = evaluate(model.cpu() if a.device == "cpu" else model, xte, yte)
+        ev = np.arange(len(yte)) if epoch + 1 == a.epochs else sub
+        acc = evaluate(model, xte[ev], yte[ev])
         elapsed += time.time() - t0
         rec = {"epoch": epoch + 1, "train_loss": tot_loss / steps_per_epoch, "test_top1": acc,
+               "test_images": len(ev),
                "elapsed_min": elapsed / 60, "lr_end": lr_at((epoch + 1) * steps_per_epoch - 1)}
         print(json.dumps(rec), flush=True)
         with open(out / "log.jsonl", "a") as f:

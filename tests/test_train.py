@@ -24,9 +24,10 @@ def tree(tmp_path_factory):
     return root
 
 
-def _train(tree, out, cache, *extra):
+def _train(tree, out, cache, *extra, compile_step=False):
     return train_cifar.main(["--data", str(tree), "--out", str(out), "--epochs", "2", "--batch", "64",
-                             "--threads", "1", "--cache", str(cache), *extra])
+                             "--threads", "1", "--cache", str(cache),
+                             *(("--compile",) if compile_step else ()), *extra])
 
 
 def test_resumed_run_equals_uninterrupted_run(tree, tmp_path, monkeypatch):
@@ -61,6 +62,35 @@ def test_resumed_run_equals_uninterrupted_run(tree, tmp_path, monkeypatch):
     assert rec["complete"] and rec["epochs_done"] == 2 and rec["note"] == "test run"
     assert len(rec["epoch_minutes"]) == 2 and rec["test_top1_full_10k"] == log[-1]["test_top1"]
     assert (exp / "cifar10_vit_d6.safetensors").stat().st_size > 0
+
+
+def test_compiled_step_trains_like_the_eager_step(tree, tmp_path):
+    """The ``--compile`` step reaches the eager step's weights (up to float rounding), and with
+    ``--eval-images`` the last epoch is measured on the whole test split, earlier ones on the
+    balanced subset."""
+    cache = tmp_path / "cache"
+    assert _train(tree, tmp_path / "eager", cache, "--eval-images", "10") == 0
+    assert _train(tree, tmp_path / "compiled", cache, "--eval-images", "10", compile_step=True) == 0
+    we = load_file(tmp_path / "eager" / "final.safetensors")
+    wc = load_file(tmp_path / "compiled" / "final.safetensors")
+    assert we.keys() == wc.keys()
+    for k in we:
+        np.testing.assert_allclose(wc[k].astype(np.float32), we[k].astype(np.float32), atol=2e-2, err_msg=k)
+    log = [json.loads(line) for line in (tmp_path / "compiled" / "log.jsonl").read_text().splitlines()]
+    assert [r["test_images"] for r in log] == [10, 20]
+
+
+def test_balanced_subset():
+    y = np.repeat(np.arange(10), 7)[::-1].copy()
+    idx = train_cifar.balanced_subset(y, 30)
+    assert len(idx) == 30 and np.all(np.diff(idx) > 0)
+    assert np.bincount(y[idx], minlength=10).tolist() == [3] * 10
+    for c in range(10):                                       # the first 3 of every class
+        assert idx[y[idx] == c].tolist() == np.flatnonzero(y == c)[:3].tolist()
+    assert train_cifar.balanced_subset(y, 0).tolist() == list(range(70))
+    assert train_cifar.balanced_subset(y, 500).tolist() == list(range(70))
+    with pytest.raises(ValueError, match="fewer than the 10 classes"):
+        train_cifar.balanced_subset(y, 5)
 
 
 def test_cache_is_tied_to_the_source(tree, tmp_path):
