@@ -184,7 +184,10 @@ def main(argv=None) -> int:
     model = build_model(a.pos_init, a.patch_drop, a.drop_path).to(a.device)
     # the compiled module shares the parameters; checkpoints and evaluation use ``model`` itself
     step_model = torch.compile(model, dynamic=False) if a.compile else model
-    sub = balanced_subset(yte, a.eval_images)
+    try:
+        sub = balanced_subset(yte, a.eval_images)
+    except ValueError as e:
+        ap.error(f"--eval-images: {e}")
     opt = adamw(model, a.lr, a.weight_decay)
     steps_per_epoch = len(xtr) // a.batch
     total = steps_per_epoch * a.epochs

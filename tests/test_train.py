@@ -78,6 +78,9 @@ def test_compiled_step_trains_like_the_eager_step(tree, tmp_path):
         np.testing.assert_allclose(wc[k].astype(np.float32), we[k].astype(np.float32), atol=2e-2, err_msg=k)
     log = [json.loads(line) for line in (tmp_path / "compiled" / "log.jsonl").read_text().splitlines()]
     assert [r["test_images"] for r in log] == [10, 20]
+    with pytest.raises(SystemExit):                           # fewer images than classes: a usage error
+        _train(tree, tmp_path / "bad", cache, "--eval-images", "5")
+    assert not (tmp_path / "bad" / "log.jsonl").exists()
 
 
 def test_balanced_subset():
