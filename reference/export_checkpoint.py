@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         "epoch_minutes": [round(b["elapsed_min"] - a_["elapsed_min"], 1)
                           for a_, b in zip([{"elapsed_min": 0.0}] + log[:-1], log)],
         "test_top1_full_10k": log[-1]["test_top1"] if log else None,
+        # logs written before --eval-images existed measured every epoch on the whole CIFAR-10 test set
         "final_test_images": log[-1].get("test_images", 10000) if log else None,
         "log": log,
         "weights_dtype": "float16",
