@@ -54,6 +54,11 @@ def test_resumed_run_equals_uninterrupted_run(tree, tmp_path, monkeypatch):
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
     logb = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["test_top1"] for r in logb] == [r["test_top1"] for r in log]
+    (tmp_path / "b" / "final.safetensors").unlink()          # stopped after the last epoch's checkpoint
+    assert _train(tree, tmp_path / "b", cache, "--resume") == 0
+    wb = load_file(tmp_path / "b" / "final.safetensors")
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 2   # no epoch trained again
 
     exp = tmp_path / "export"
     exp.mkdir()
@@ -165,3 +170,65 @@ def test_recipe_probe(tree, tmp_path):
     assert rec["name"] == "p" and rec["steps"] == 2 and rec["test_images"] == 4 and 0 <= rec["top1"] <= 1
     with pytest.raises(ValueError, match="less than one batch"):
         recipe_probe.main(argv[:4] + ["16"] + argv[5:])
+
+
+def test_optimizer_and_loss_options(tree, tmp_path, monkeypatch):
+    """--beta2 reaches AdamW, --label-smoothing the loss, --warmup-epochs the schedule; values
+    out of range are usage errors."""
+    model = train_cifar.build_model()
+    assert all(g["betas"] == (0.9, 0.99) for g in train_cifar.adamw(model, 1e-3, 0.05, 0.99).param_groups)
+    assert all(g["betas"] == (0.9, 0.999) for g in train_cifar.adamw(model, 1e-3, 0.05).param_groups)
+    seen = []
+    real_ce = train_cifar.F.cross_entropy
+
+    def ce(logits, y, label_smoothing):
+        seen.append(label_smoothing)
+        return real_ce(logits, y, label_smoothing=label_smoothing)
+    monkeypatch.setattr(train_cifar.F, "cross_entropy", ce)
+    cache = tmp_path / "cache"
+    # 130 training images at batch 64: 2 steps an epoch, 4 in all
+    assert _train(tree, tmp_path / "w1", cache, "--label-smoothing", "0", "--warmup-epochs", "1") == 0
+    assert set(seen) == {0.0}
+    assert _train(tree, tmp_path / "w0", cache, "--warmup-epochs", "0") == 0
+    assert set(seen[4:]) == {0.1}                             # the default
+
+    def lr_end(run):
+        return json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[0])["lr_end"]
+    assert lr_end("w1") == pytest.approx(1e-3)               # the last warm-up step reaches the peak
+    assert lr_end("w0") == pytest.approx(0.5e-3 * (1 + np.cos(np.pi / 4)))   # cosine from step 0
+    for bad in (["--beta2", "1"], ["--label-smoothing", "-0.1"], ["--warmup-epochs", "-1"]):
+        with pytest.raises(SystemExit):
+            _train(tree, tmp_path / "bad", cache, *bad)
+    assert not (tmp_path / "bad").exists() or not (tmp_path / "bad" / "log.jsonl").exists()
+
+
+def test_recipe_sweep(tree, tmp_path, capsys):
+    """The sweep trains every run, ranks the finished ones, reports a failed run, and a second
+    sweep over the same folder resumes instead of retraining."""
+    from reference import recipe_sweep
+    runs = tmp_path / "runs.txt"
+    runs.write_text("# two recipes and a broken one\nfast --epochs 1 --batch 64\n\n"
+                    "ls0 --epochs 1 --batch 64 --label-smoothing 0\nbad --epochs 1 --beta2 2\n")
+    argv = ["--data", str(tree), "--runs", str(runs), "--out", str(tmp_path / "sw"), "--device", "cpu",
+            "--parallel", "2", "--cache", str(tmp_path / "cache")]
+    assert recipe_sweep.main(argv) == 1                       # one run failed
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [r["name"] for r in rows][2] == "bad" and rows[2]["state"].startswith("failed")
+    good = {r["name"]: r for r in rows[:2]}
+    assert set(good) == {"fast", "ls0"} and all(r["state"] == "finished" and r["epochs_done"] == 1 for r in rows[:2])
+    assert rows[0]["final_top1"] >= rows[1]["final_top1"]
+    assert good["ls0"]["options"][-2:] == ["--label-smoothing", "0"]
+    mtime = (tmp_path / "sw" / "fast" / "final.safetensors").stat().st_mtime_ns
+    runs.write_text("fast --epochs 1 --batch 64\n")
+    assert recipe_sweep.main(argv) == 0
+    assert (tmp_path / "sw" / "fast" / "final.safetensors").stat().st_mtime_ns == mtime   # not retrained
+    assert "already complete" in (tmp_path / "sw" / "fast" / "stdout.txt").read_text()
+    out = capsys.readouterr().out
+    assert "fast" in out and "%" in out
+    for text, msg in (("", "names no run"), ("a --epochs 1\na --epochs 2\n", "used twice"),
+                      ("--epochs 1\n", "starts with the run's name")):
+        with pytest.raises(ValueError, match=msg):
+            recipe_sweep.parse_runs(text)
+    runs.write_text("")
+    with pytest.raises(SystemExit):
+        recipe_sweep.main(argv)
