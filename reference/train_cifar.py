@@ -38,6 +38,13 @@ import torch.nn.functional as F
 from . import cifar_model
 from .cifar import MEAN, STD, load_split
 
+DEFAULT_CACHE = os.path.expanduser("~/.cache/intsim")
+# Options that define the trained weights: --resume refuses a checkpoint written with other values.
+RECIPE_KEYS = ("epochs", "batch", "lr", "weight_decay", "beta2", "label_smoothing", "warmup_epochs", "drop_path",
+               "patch_drop", "full_token_epochs", "grad_clip", "pos_init", "seed")
+# Values of options added after some checkpoints were written (those checkpoints used these).
+RECIPE_DEFAULTS = {"beta2": 0.999, "label_smoothing": 0.1, "warmup_epochs": 0.5}
+
 
 def _cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """The decoded split, cached in ``cache`` under a name tied to the source (path, size, mtime)."""
@@ -50,7 +57,10 @@ def _cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.n
         return z["x"], z["y"]
     x, y, _ = load_split(data, split)
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(f, x=x, y=y)
+    tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")  # concurrent runs (a sweep) never see a half-written file
+    with open(tmp, "wb") as fh:
+        np.savez(fh, x=x, y=y)
+    os.replace(tmp, f)
     return x, y
 
 
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--beta2", type=float, default=0.999, help="AdamW's second-moment decay")
-    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     ap.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up length, in epochs")
     ap.add_argument("--drop-path", type=float, default=0.0)
     ap.add_argument("--patch-drop", type=float, default=0.5,
@@ -176,8 +186,26 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-images", type=int, default=0,
                     help="class-balanced test images measured after every epoch but the last, which "
                          "uses the whole test set (0 = whole test set every epoch)")
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/intsim"), help="decoded-array cache")
+    ap.add_argument("--cache", default=DEFAULT_CACHE, help="decoded-array cache")
     a = ap.parse_args(argv)
+    if a.epochs < 1:
+        ap.error(f"--epochs must be >= 1, not {a.epochs}")
+    if not 0.0 <= a.patch_drop < 1.0:
+        ap.error(f"--patch-drop must be in [0, 1), not {a.patch_drop}")
+    if not 0.0 <= a.label_smoothing < 1.0:
+        ap.error(f"--label-smoothing must be in [0, 1), not {a.label_smoothing}")
+    if not 0.0 < a.beta2 < 1.0:
+        ap.error(f"--beta2 must be in (0, 1), not {a.beta2}")
+    if not 0.0 <= a.warmup_epochs <= a.epochs:
+        ap.error(f"--warmup-epochs must be in [0, --epochs], not {a.warmup_epochs}")
+    ck = Path(a.out) / "last.pt"
+    state = None
+    if a.resume and ck.exists():
+        state = torch.load(ck, weights_only=False)
+        changed = [k for k in RECIPE_KEYS if state["args"].get(k, RECIPE_DEFAULTS.get(k)) != getattr(a, k)]
+        if changed:
+            ap.error("--resume with a different recipe than the checkpoint's: " + ", ".join(
+                f"{k} {state['args'].get(k, RECIPE_DEFAULTS.get(k))!r} -> {getattr(a, k)!r}" for k in changed))
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -187,14 +215,6 @@ def main(argv=None) -> int:
     xte, yte = _cached_split(Path(a.data), "test", Path(a.cache))
 
     torch.manual_seed(a.seed)
-    if not 0.0 <= a.patch_drop < 1.0:
-        ap.error(f"--patch-drop must be in [0, 1), not {a.patch_drop}")
-    if not 0.0 <= a.label_smoothing < 1.0:
-        ap.error(f"--label-smoothing must be in [0, 1), not {a.label_smoothing}")
-    if not 0.0 < a.beta2 < 1.0:
-        ap.error(f"--beta2 must be in (0, 1), not {a.beta2}")
-    if a.warmup_epochs < 0:
-        ap.error(f"--warmup-epochs must be >= 0, not {a.warmup_epochs}")
     model = build_model(a.pos_init, a.patch_drop, a.drop_path).to(a.device)
     # the compiled module shares the parameters; checkpoints and evaluation use ``model`` itself
     step_model = torch.compile(model, dynamic=False) if a.compile else model
@@ -212,9 +232,7 @@ def main(argv=None) -> int:
 
     g = torch.Generator().manual_seed(a.seed)
     start_epoch, elapsed = 0, 0.0
-    ck = out / "last.pt"
-    if a.resume and ck.exists():
-        state = torch.load(ck, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["gen"])
@@ -222,6 +240,10 @@ def main(argv=None) -> int:
             torch.set_rng_state(state["torch_rng"])
         start_epoch, elapsed = state["epoch"], state["elapsed"]
         print(f"resumed after epoch {start_epoch} ({elapsed / 60:.1f} min so far)")
+        log = out / "log.jsonl"                          # drop lines of an epoch stopped after its log line
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= start_epoch]
+            log.write_text("".join(line + "\n" for line in kept))
         if start_epoch >= a.epochs and (out / "final.safetensors").exists():
             print(f"already complete: {start_epoch} of {a.epochs} epochs; nothing to do")
             return 0
@@ -268,7 +290,8 @@ def main(argv=None) -> int:
 
     from safetensors.torch import save_file
     sd = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / "final.safetensors"), metadata={"recipe": json.dumps(vars(a)), "model": cifar_model.NAME})
+    save_file(sd, str(out / "final.tmp"), metadata={"recipe": json.dumps(vars(a)), "model": cifar_model.NAME})
+    os.replace(out / "final.tmp", out / "final.safetensors")   # its presence marks a finished run
     print(f"done: {elapsed / 60:.1f} min, final test top-1 {acc:.4f}")
     return 0
 

@@ -172,9 +172,9 @@ def test_recipe_probe(tree, tmp_path):
         recipe_probe.main(argv[:4] + ["16"] + argv[5:])
 
 
-def test_optimizer_and_loss_options(tree, tmp_path, monkeypatch):
+def test_optimizer_and_loss_options(tree, tmp_path, monkeypatch, capsys):
     """--beta2 reaches AdamW, --label-smoothing the loss, --warmup-epochs the schedule; values
-    out of range are usage errors."""
+    out of range, and --resume with another recipe, are usage errors."""
     model = train_cifar.build_model()
     assert all(g["betas"] == (0.9, 0.99) for g in train_cifar.adamw(model, 1e-3, 0.05, 0.99).param_groups)
     assert all(g["betas"] == (0.9, 0.999) for g in train_cifar.adamw(model, 1e-3, 0.05).param_groups)
@@ -189,17 +189,27 @@ def test_optimizer_and_loss_options(tree, tmp_path, monkeypatch):
     # 130 training images at batch 64: 2 steps an epoch, 4 in all
     assert _train(tree, tmp_path / "w1", cache, "--label-smoothing", "0", "--warmup-epochs", "1") == 0
     assert set(seen) == {0.0}
-    assert _train(tree, tmp_path / "w0", cache, "--warmup-epochs", "0") == 0
+    assert _train(tree, tmp_path / "w0", cache, "--warmup-epochs", "0", "--beta2", "0.99") == 0
     assert set(seen[4:]) == {0.1}                             # the default
+    opt = train_cifar.torch.load(tmp_path / "w0" / "last.pt", weights_only=False)["opt"]
+    assert all(g["betas"] == (0.9, 0.99) for g in opt["param_groups"])
 
     def lr_end(run):
         return json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[0])["lr_end"]
     assert lr_end("w1") == pytest.approx(1e-3)               # the last warm-up step reaches the peak
     assert lr_end("w0") == pytest.approx(0.5e-3 * (1 + np.cos(np.pi / 4)))   # cosine from step 0
-    for bad in (["--beta2", "1"], ["--label-smoothing", "-0.1"], ["--warmup-epochs", "-1"]):
+    capsys.readouterr()
+    for bad, msg in ((["--beta2", "1"], "--beta2 must be"), (["--label-smoothing", "-0.1"], "--label-smoothing must"),
+                     (["--warmup-epochs", "3"], "--warmup-epochs must"), (["--epochs", "0"], "--epochs must")):
         with pytest.raises(SystemExit):
             _train(tree, tmp_path / "bad", cache, *bad)
-    assert not (tmp_path / "bad").exists() or not (tmp_path / "bad" / "log.jsonl").exists()
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):                           # a checkpoint of another recipe
+        _train(tree, tmp_path / "w0", cache, "--warmup-epochs", "0", "--beta2", "0.9", "--resume")
+    assert "beta2 0.99 -> 0.9" in capsys.readouterr().err
+    assert _train(tree, tmp_path / "w0", cache, "--warmup-epochs", "0", "--beta2", "0.99", "--resume") == 0
+    assert "already complete" in capsys.readouterr().out
 
 
 def test_recipe_sweep(tree, tmp_path, capsys):
@@ -212,6 +222,7 @@ def test_recipe_sweep(tree, tmp_path, capsys):
     argv = ["--data", str(tree), "--runs", str(runs), "--out", str(tmp_path / "sw"), "--device", "cpu",
             "--parallel", "2", "--cache", str(tmp_path / "cache")]
     assert recipe_sweep.main(argv) == 1                       # one run failed
+    assert (tmp_path / "cache").is_dir() and len(list((tmp_path / "cache").glob("*.tmp"))) == 0
     rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [r["name"] for r in rows][2] == "bad" and rows[2]["state"].startswith("failed")
     good = {r["name"]: r for r in rows[:2]}
@@ -229,6 +240,40 @@ def test_recipe_sweep(tree, tmp_path, capsys):
                       ("--epochs 1\n", "starts with the run's name")):
         with pytest.raises(ValueError, match=msg):
             recipe_sweep.parse_runs(text)
+    for text, msg in (("a --epochs 1 --out x\n", "set by the sweep"), ("a --lr 'oops\n", "line 1"),
+                      (".. --epochs 1\n", "starts with the run's name")):
+        with pytest.raises(ValueError, match=msg):
+            recipe_sweep.parse_runs(text)
+    assert recipe_sweep.parse_runs("# x\na --epochs 1  # one epoch\n") == [("a", ["--epochs", "1"])]
     runs.write_text("")
     with pytest.raises(SystemExit):
         recipe_sweep.main(argv)
+    assert "names no run" in capsys.readouterr().err
+
+
+def test_recipe_sweep_stop_and_resume(tree, tmp_path):
+    """--minutes stops the runs (exit 1, state "stopped"); the next sweep finishes them."""
+    from reference import recipe_sweep
+    runs = tmp_path / "runs.txt"
+    runs.write_text("a --epochs 1 --batch 64\nb --epochs 1 --batch 64\n")
+    argv = ["--data", str(tree), "--runs", str(runs), "--out", str(tmp_path / "sw"), "--device", "cpu",
+            "--parallel", "1", "--cache", str(tmp_path / "cache")]
+    assert recipe_sweep.main(argv + ["--minutes", "0.001"]) == 1
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [(r["name"], r["state"], r["final_top1"]) for r in rows] == [("a", "stopped", None), ("b", "not started", None)]
+    assert recipe_sweep.main(argv) == 0
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert all(r["state"] == "finished" and r["final_top1"] is not None for r in rows)
+
+
+def test_recipe_sweep_rank_and_log():
+    from reference import recipe_sweep
+    rows = [{"name": n, "final_top1": t} for n, t in (("x", None), ("y", 0.0), ("z", 0.7), ("w", 0.71), ("v", None))]
+    assert [r["name"] for r in recipe_sweep.rank(rows)] == ["w", "z", "y", "x", "v"]
+
+
+def test_sweep_reads_a_log_with_a_repeated_epoch_and_a_torn_line(tmp_path):
+    from reference import recipe_sweep
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1, "test_top1": 0.1}\n{"epoch": 2, "test_top1": 0.2}\n'
+                                        '{"epoch": 2, "test_top1": 0.3}\n{"epoch": 3, "te')
+    assert [r["test_top1"] for r in recipe_sweep.read_log(tmp_path)] == [0.1, 0.3]
