@@ -1,10 +1,13 @@
 """Export a training run's weights as the bundled checkpoint, with its record next to it.
 
-    python -m reference.export_checkpoint runs/cifar [--from last.pt] [--out intsim/assets]
+    python -m reference.export_checkpoint runs/cifar [--out intsim/assets] [--note TEXT]
+
+It always reads ``RUN/last.pt`` (the last finished epoch), not ``final.safetensors``.
 
 Writes ``cifar10_vit_d6.safetensors`` (fp16 state dict) and ``cifar10_vit_d6.json`` (recipe,
-seed, epochs done of the planned ones, training time and the per-epoch test accuracy, all read
-from the run's ``last.pt`` and ``log.jsonl``), both atomically. It states whether the run was
+seed, the ``train_cifar`` command that repeats the run, epochs done of the planned ones,
+training time and the per-epoch test accuracy, all read from the run's ``last.pt`` and
+``log.jsonl``), both atomically. It states whether the run was
 complete: an interim checkpoint is labelled as such.
 """
 from __future__ import annotations
@@ -18,6 +21,21 @@ import torch
 from safetensors.torch import save_file
 
 from . import cifar_model
+from .train_cifar import RECIPE_DEFAULTS, RECIPE_KEYS
+
+
+def train_command(args: dict) -> str:
+    """The ``train_cifar`` command line of a run, every recipe option spelled out (options added
+    after the run's checkpoint was written take the values that run used)."""
+    parts = ["python -m reference.train_cifar --data cifar10-jpeg.zip --out runs/cifar"]
+    parts += [f"--{k.replace('_', '-')} {args.get(k, RECIPE_DEFAULTS.get(k))}" for k in RECIPE_KEYS]
+    if args.get("threads"):
+        parts.append(f"--threads {args['threads']}")
+    if args.get("compile"):
+        parts.append("--compile")
+    if args.get("eval_images"):
+        parts.append(f"--eval-images {args['eval_images']}")
+    return " ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -38,7 +56,7 @@ def main(argv=None) -> int:
         "architecture": cifar_model.CONFIG,
         "data_config": cifar_model.DATA_CONFIG,
         "recipe": {k: v for k, v in state["args"].items() if k not in ("data", "out", "cache", "resume", "device")},
-        "command": "python -m reference.train_cifar --data cifar10-jpeg.zip --out runs/cifar",
+        "command": train_command(state["args"]),
         "epochs_done": done,
         "epochs_planned": planned,
         "complete": done >= planned,

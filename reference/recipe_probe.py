@@ -77,8 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--pos-init", choices=("sincos", "trunc_normal"), default="trunc_normal")
-    ap.add_argument("--patch-drop", type=float, default=0.0)
+    ap.add_argument("--pos-init", choices=("sincos", "trunc_normal"), default="trunc_normal",
+                    help="default trunc_normal, the plain recipe (train_cifar's default is sincos)")
+    ap.add_argument("--patch-drop", type=float, default=0.0,
+                    help="default 0, the plain recipe (train_cifar's default is 0.5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log", default="probes.jsonl", help="JSON lines file to append to")

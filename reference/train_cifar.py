@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists (else start afresh); the recipe options "
+                         "must equal the checkpoint's")
     ap.add_argument("--compile", action="store_true",
                     help="run the training step through torch.compile (needs a C++ compiler)")
     ap.add_argument("--eval-images", type=int, default=0,

@@ -66,6 +66,8 @@ def test_resumed_run_equals_uninterrupted_run(tree, tmp_path, monkeypatch):
     rec = json.loads((exp / "cifar10_vit_d6.json").read_text())
     assert rec["complete"] and rec["epochs_done"] == 2 and rec["note"] == "test run"
     assert len(rec["epoch_minutes"]) == 2 and rec["test_top1_full_10k"] == log[-1]["test_top1"]
+    assert "--epochs 2 --batch 64 " in rec["command"] and "--beta2 0.999 " in rec["command"]
+    assert rec["command"].endswith("--threads 1")
     assert (exp / "cifar10_vit_d6.safetensors").stat().st_size > 0
 
 
