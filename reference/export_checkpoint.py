@@ -21,14 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from . import cifar_model
-from .train_cifar import RECIPE_DEFAULTS, RECIPE_KEYS
+from .train_cifar import saved_recipe
 
 
 def train_command(args: dict) -> str:
     """The ``train_cifar`` command line of a run, every recipe option spelled out (options added
     after the run's checkpoint was written take the values that run used)."""
     parts = ["python -m reference.train_cifar --data cifar10-jpeg.zip --out runs/cifar"]
-    parts += [f"--{k.replace('_', '-')} {args.get(k, RECIPE_DEFAULTS.get(k))}" for k in RECIPE_KEYS]
+    parts += [f"--{k.replace('_', '-')} {v}" for k, v in saved_recipe(args).items()]
     if args.get("threads"):
         parts.append(f"--threads {args['threads']}")
     if args.get("compile"):

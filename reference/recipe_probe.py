@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pos-init", choices=("sincos", "trunc_normal"), default="trunc_normal",
                     help="default trunc_normal, the plain recipe (train_cifar's default is sincos)")
     ap.add_argument("--patch-drop", type=float, default=0.0,
-                    help="default 0, the plain recipe (train_cifar's default is 0.5)")
+                    help="default 0, the plain recipe (train_cifar's default is 0.75)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log", default="probes.jsonl", help="JSON lines file to append to")

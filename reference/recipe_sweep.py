@@ -23,8 +23,8 @@ run's line after it started fails that run (rename it to start afresh).
 
 Measured on one NVIDIA H200 with a first, throwaway version of this sweep (same design: one
 process per run, one CPU thread each): with 12 runs at once about 19 s an epoch per run, alone
-about 10 s (its data pipeline runs on one CPU thread). The bundled model's 18-epoch recipe reached
-71.60% there against 71.76% on the CPU.
+about 10 s (its data pipeline runs on one CPU thread). The earlier 18-epoch recipe reached 71.60%
+there against 71.76% on the CPU.
 """
 from __future__ import annotations
 
