@@ -7,8 +7,9 @@ initialized with a 2-D sine-cosine table, patch dropout 0.75 (every training ima
 quarter of its 64 patch tokens, which cuts the cost of a step to about a quarter) for all but the
 last 2 epochs, 39 epochs. Short probes on this machine (same compute, 2,000 test images) put the
 sine-cosine start at +5 points, patch dropout at +8 and both at +13 over the plain recipe; lr
-2e-3 was worse. Full-length runs on a GPU chose 39 epochs at patch dropout 0.75 over 18 or 22 at
-0.5 at about the same CPU time (README, "The bundled model").
+2e-3 was worse. Full-length GPU runs at about the same CPU time put 39 epochs at 0.75 (73.66%
+after 35 of 39) level with 22 at 0.5 (73.75%) and ahead of 18 at 0.5 (71.60%); README, "The
+bundled model".
 Two options save time without changing the recipe: ``--compile`` runs the training step through
 ``torch.compile`` (a step timed alone on the 2-core CPU: 1.2x faster with patch dropout, 1.3x on
 all tokens; float rounding differs from the eager step), and ``--eval-images N`` measures the
