@@ -1,6 +1,6 @@
 """The engine's fast arithmetic routes against its exact int64 route (and the golden model).
 
-Every GEMM route (fbgemm int8, float32 in one pass or K-chunked, float64, int64), the attention
+Every GEMM route (oneDNN int8, float32 in one pass or K-chunked, float64, int64), the attention
 fast path (float32 scores, decode product in one float32 GEMM by the softmax-normalization bound
 or split into digits, float64) and the fused plan must give results and saturation counts
 identical to ``gemm="int"``; the route choices must follow the proven bounds; results must not
@@ -83,6 +83,9 @@ def test_int8_route_when_provable_and_refused_when_not():
     _same(eng.run(images), Engine(prog, gemm="int").run(images))
     assert _gemm_kinds(eng) == {"i8"}
     assert "i8" in {line.rsplit("[", 1)[1].rstrip("]") for line in Engine(prog).routes() if "[" in line}
+    # codes read only by int8 GEMMs are stored as uint8; by float32 GEMMs as float32
+    assert "layernorm -> uint8" in " ".join(eng._fused.describe)
+    assert "layernorm -> float32" in " ".join(Engine(prog, gemm="f32")._fused.describe)
     prog8 = make_program(5, embed_dim=24, heads=2, depth=1, img=32, patch=16, wbits=8, abits=8)
     with pytest.raises(ValueError, match="int8"):
         Engine(prog8, gemm="i8")                        # |w| up to 255: not an int8 operand

@@ -1,7 +1,7 @@
 """Numba kernels of the integer engine (``docs/integer-spec.md``).
 
 The matrix products themselves run in a BLAS (see ``runner.py``: float32/float64 products that are
-provably exact, fbgemm's int8 GEMM, or the int64 kernel ``gemm_i64`` here); these kernels do
+provably exact, oneDNN's int8 GEMM, or the int64 kernel ``gemm_i64`` here); these kernels do
 everything else, in exact two's-complement int64 arithmetic as the specification states:
 
 * ``rshift`` rounds half up (adds ``2^(n-1)`` then shifts arithmetically, i.e. floors negatives);
@@ -102,9 +102,12 @@ def _store_val(arr, v):  # pragma: no cover - replaced by the overload below ins
 @overload(_store_val, inline="always")
 def _store_val_impl(arr, v):
     """The int64 ``v`` as an element of ``arr``: float32 codes go through int32 (exact, the runner
-    stores float32 only for values within +-2^24), int64 stays as is."""
+    stores float32 only for values within +-2^24), uint8 codes are truncated (exact, the runner
+    stores uint8 only for values within 0..255), int64 stays as is."""
     if isinstance(arr.dtype, types.Float) and arr.dtype.bitwidth == 32:
         return lambda arr, v: np.float32(np.int32(v))
+    if isinstance(arr.dtype, types.Integer) and arr.dtype.bitwidth == 8 and not arr.dtype.signed:
+        return lambda arr, v: np.uint8(v)
     return lambda arr, v: v
 
 
@@ -277,7 +280,7 @@ def linear_add_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, skip, amult, ashift
 def linear_gelu_epilogue(S, cols, zp, acc_lo, acc_hi, narrow, table, offset, out, rows_per_task):
     """``linear`` (int output) fused with the ``gelu`` table lookup that consumes it (spec 4.1, 4.5):
     ``out[m, n] = table[p[m, n] + offset]`` with ``p`` as in ``linear_epilogue``; ``out`` (M, N)
-    and ``table`` both float32 (codes, exact) or both int64. Returns ``(n_acc, n_out, n_bad)``;
+    and ``table`` both uint8 or float32 (codes, exact) or both int64. Returns ``(n_acc, n_out, n_bad)``;
     ``n_bad`` counts GELU inputs outside the table (an error for the caller; those elements hold
     the nearest table entry)."""
     M = S.shape[1]
@@ -422,8 +425,8 @@ def _ln_row(x, gmul, gadd, lnp, out, m):
 
 @njit(cache=True, parallel=True)
 def layernorm_rows(x, gmul, gadd, lnp, out, rows_per_task):
-    """Integer LayerNorm of every row of ``x`` (M, D) int64 (spec 4.3) into ``out`` (M, D), float32
-    codes or int64. Returns ``n_out``."""
+    """Integer LayerNorm of every row of ``x`` (M, D) int64 (spec 4.3) into ``out`` (M, D): uint8 or
+    float32 codes, or int64. Returns ``n_out``."""
     M = x.shape[0]
     ntask = (M + rows_per_task - 1) // rows_per_task
     cnt = np.zeros(ntask, np.int64)
@@ -615,7 +618,7 @@ def attn_output(O, part_bits, mult, shift, off, corr, narrow, zp, lo, hi, acc_lo
     digits s with ``v - zp_v``; ``O = sum_s O_s * 2^(s * part_bits)`` in int64, then
     ``out[b, i, h * d + r] = sat(rq(accsat(O), mult, shift) + zp, lo, hi)`` with g = b * H + h
     (``off``, ``corr``, ``narrow``: the offset form of ``rq``, see ``_requant_row``).
-    ``out`` is (B, T, H * d), float32 codes or int64. Returns ``(n_acc, n_out)``."""
+    ``out`` is (B, T, H * d), uint8 or float32 codes, or int64. Returns ``(n_acc, n_out)``."""
     G = O.shape[0]
     d = O.shape[2]
     T = out.shape[1]

@@ -15,12 +15,14 @@ op run through :func:`run_op` has no producer and takes the range from its input
 With ``xmax = max(|xlo|, |xhi|)`` and ``L1 = max_n sum_k |w[n, k]|`` every partial sum of any
 subset of the products of one output element is bounded by ``xmax * L1``:
 
-``i8`` (fbgemm u8s8 GEMM, int32 accumulation, float32 output)
+``i8`` (oneDNN's u8 x s8 linear, ``torch.ops.onednn.qlinear_pointwise``: int32 accumulation,
+    float32 output, read straight from uint8 codes)
     needs ``0 <= xlo``, ``xhi <= 255``, ``max|w| <= 127`` (operands are exactly uint8 / int8),
-    ``2 * xhi * max|w| <= 2^15 - 1`` (AVX2's ``vpmaddubsw`` adds two u8*s8 products into a
-    saturating int16: no pair can saturate), and ``xhi * L1 <= 2^24`` (the int32 accumulator
-    cannot overflow and its conversion to the float32 output, times the scales 1.0 * 1.0, is
-    exact). A construction-time self-check against int64 confirms the library behaves so.
+    ``2 * xhi * max|w| <= 2^15 - 1`` (without VNNI, AVX2 kernels add two u8*s8 products into a
+    saturating int16 (``vpmaddubsw``): no pair can saturate), and ``xhi * L1 <= 2^24`` (the int32
+    accumulator cannot overflow and its conversion to the float32 output, times the scales
+    1.0 * 1.0, is exact). A construction-time self-check against int64 at the largest input the
+    proof admits confirms the library behaves so.
 ``f32`` (float32 BLAS, K split into C chunks)
     every chunk needs ``xmax * L1_chunk <= 2^24``: all partial sums of a chunk are integers of
     magnitude <= 2^24, which float32 represents exactly, whatever the summation order (FMA
@@ -65,8 +67,10 @@ Fusion (``Engine.run`` and ``forward(keep=False)``)
 The ViT graph (spec section 6) is executed with fewer passes: q, k, v share one GEMM whose
 epilogue writes the centered head-major operands of the attention products; ``linear -> add``
 (proj, fc2) runs as one epilogue, followed in the same pass by the next ``layernorm`` when it
-reads the sum; ``linear -> gelu`` (fc1) runs as one epilogue; codes that feed a GEMM are stored
-as float32 (exact, their range is within +-2^24). Every op keeps its own saturation counts.
+reads the sum; ``linear -> gelu`` (fc1) runs as one epilogue. Codes that feed only GEMMs are
+stored as uint8 when every consuming GEMM takes the ``i8`` route (the route's proof puts them in
+0..255), else as float32 (exact, their range is within +-2^24). Every op keeps its own
+saturation counts.
 Work buffers come from a pool kept between runs of the same batch shape (fresh large
 allocations page-fault). ``forward(keep=True)`` and :func:`run_op` run op by op with int64
 values (the same kernels). Other op types (e.g. the Swin ops of ``swin_ops.py``) run op by op.
@@ -89,7 +93,7 @@ from . import swin_ops
 #: float32 holds every integer of magnitude <= 2^24; float64 every integer <= 2^53.
 F32_EXACT = 2 ** 24
 F64_EXACT = 2 ** 53
-#: fbgemm on AVX2 adds two u8 * s8 products into a saturating int16.
+#: AVX2 int8 kernels (no VNNI) add two u8 * s8 products into a saturating int16.
 I16_MAX = 2 ** 15 - 1
 #: ``auto`` splits K into at most this many float32 chunks before it prefers float64.
 MAX_AUTO_CHUNKS = 4
@@ -179,11 +183,12 @@ class EngineResult:
 # ---- GEMM ---------------------------------------------------------------------------------------
 
 
-def _fbgemm_available() -> bool:
+def _int8_gemm_available() -> bool:
+    """Whether torch exposes oneDNN's u8 x s8 -> float32 linear (x86 CPU builds do)."""
     torch = _torch()
     try:
-        return ("fbgemm" in torch.backends.quantized.supported_engines
-                and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"))
+        return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+                    and hasattr(torch.ops.onednn, "qlinear_prepack"))
     except Exception:  # pragma: no cover - exotic torch builds
         return False
 
@@ -249,12 +254,12 @@ class _Gemm:
         """The dtype the proven route reads (int64 when the route is decided per call)."""
         if self.xrange is None:
             return np.int64
-        return {"i8": np.float32, "f32": np.float32, "f64": np.float64}.get(self.route, np.int64)
+        return {"i8": np.uint8, "f32": np.float32, "f64": np.float64}.get(self.route, np.int64)
 
     def _i8_ok(self, xr: tuple[int, int]) -> bool:
         xlo, xhi = xr
         return (xlo >= 0 and xhi <= 255 and self.wmax <= 127 and 2 * xhi * self.wmax <= I16_MAX
-                and xhi * self.l1 <= F32_EXACT and self.K > 0 and self.N > 0 and _fbgemm_available())
+                and xhi * self.l1 <= F32_EXACT and self.K > 0 and self.N > 0 and _int8_gemm_available())
 
     def _plan(self, xr: tuple[int, int]) -> tuple[str, list[tuple[int, int]]]:
         """(route, K-chunks) for inputs within ``xr``; a ValueError when a forced route is not exact."""
@@ -270,7 +275,7 @@ class _Gemm:
             plan = ("int", [])
         elif mode == "i8":
             if not self._i8_ok(key):
-                raise ValueError(f"{self.name}: the int8 GEMM route is not provably exact (or fbgemm is "
+                raise ValueError(f"{self.name}: the int8 GEMM route is not provably exact (or oneDNN's int8 linear is "
                                  f"unavailable): {why}")
             plan = ("i8", [])
         elif mode == "f32":
@@ -314,38 +319,38 @@ class _Gemm:
         return p
 
     def _prepare_i8(self) -> Any:
+        """oneDNN's packed int8 weights, after a self-check of the library against int64."""
         torch = _torch()
-        old = torch.backends.quantized.engine
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.backends.quantized.engine = "fbgemm"
-                wq = torch.quantize_per_tensor(torch.from_numpy(self.w16.astype(np.float32)), 1.0, 0, torch.qint8)
-                packed = torch.ops.quantized.linear_prepack(wq, None)
-            finally:
-                torch.backends.quantized.engine = old
+        packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(self.w16.astype(np.int8)), None)
+        ones = torch.ones(self.N, dtype=torch.float32)
+        zeros = torch.zeros(self.N, dtype=torch.int64)
+        prep = (packed, ones, zeros)
         # self-check: extreme and random inputs against the exact int64 product
         rng = np.random.default_rng(0)
         # the largest input for which the route is ever chosen (``_i8_ok``): the worst case
         xhi = min(255, I16_MAX // (2 * max(self.wmax, 1)), F32_EXACT // max(self.l1, 1))
         probe = np.stack([np.full(self.K, xhi), np.zeros(self.K, np.int64),
                           np.where(np.arange(self.K) % 2 == 0, xhi, 0), rng.integers(0, xhi + 1, self.K)])
-        probe = np.ascontiguousarray(probe, dtype=np.float32)
-        got = self._run_i8(packed, probe)
+        probe = np.ascontiguousarray(probe, dtype=np.uint8)
+        got = self._run_i8(prep, probe)
         want = probe.astype(np.int64) @ self.w16.astype(np.int64).T
         if not np.array_equal(got.astype(np.int64), want):
-            raise RuntimeError(f"{self.name}: fbgemm's int8 GEMM failed its exactness self-check; "
+            raise RuntimeError(f"{self.name}: oneDNN's int8 GEMM failed its exactness self-check; "
                                f"run with gemm='float' and report this")
-        return packed
+        return prep
 
     @staticmethod
-    def _run_i8(packed: Any, x32: np.ndarray) -> np.ndarray:
+    def _run_i8(prep: tuple[Any, Any, Any], xu8: np.ndarray) -> np.ndarray:
+        """oneDNN u8 x s8 linear of the uint8 codes ``xu8`` (M, K): the int32 accumulator times the
+        scales 1.0 * 1.0 as float32 (M, N), no bias, no post-op."""
         torch = _torch()
-        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.from_numpy(x32), 1.0, 0, packed)
+        packed, ones, zeros = prep
+        y = torch.ops.onednn.qlinear_pointwise(torch.from_numpy(xu8), 1.0, 0, packed, ones, zeros, None,
+                                               1.0, 0, torch.float32, "none", [], "")
         return y.numpy()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x: (M, K) integer-valued (int64 or float32 holding codes) -> S (C, M, N)."""
+        """x: (M, K) integer-valued (int64, or uint8 / float32 holding codes) -> S (C, M, N)."""
         if self.xrange is not None:
             route, chunks = self.route, self.chunks
         else:
@@ -360,8 +365,8 @@ class _Gemm:
         torch = _torch()
         w = self._prepare(route)
         if route == "i8":
-            x32 = np.ascontiguousarray(x, dtype=np.float32)
-            return self._run_i8(w, x32).reshape(1, M, self.N)
+            # codes in 0..255 (the route's proof): the conversion is exact, and free for uint8 codes
+            return self._run_i8(w, np.ascontiguousarray(x, dtype=np.uint8)).reshape(1, M, self.N)
         dt = np.float32 if route == "f32" else np.float64
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=dt))
         if route == "f64" or len(chunks) == 1:
@@ -681,7 +686,6 @@ class _Op:
             if self.table.shape[0] != 1 << g:
                 raise ProgramError(f"op '{name}': gelu table has {self.table.shape[0]} entries, expected 2^{g}")
             self.offset = 1 << (g - 1)
-            self.table_f32 = self.table.astype(np.float32) if _f32_storable(self.out_range()) else None
             fn = self._gelu
         elif self.type == "add":
             self.mult, self.shift_ = a("mult"), a("shift")
@@ -728,7 +732,7 @@ class _Op:
 
     def _linear(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
         x = np.asarray(x)
-        if x.dtype != np.float32:
+        if x.dtype not in (np.float32, np.uint8):       # codes stored for the GEMM pass as they are
             x = _as_int_input(x, self.name)
         Kdim = self.gemm.K
         if x.shape[-1] != Kdim:
@@ -829,7 +833,7 @@ class _Op:
                        out: np.ndarray, pool: "_Pool | None" = None) -> dict[str, int]:
         """The float route of spec 4.4 on centered head-major operands: ``qh`` (B, H, T, d),
         ``kh`` (B, H, T, d), ``vh`` (B, H, T, d), float32 (exact by the route's proof);
-        writes ``out`` (B, T, H * d) (float32 codes or int64)."""
+        writes ``out`` (B, T, H * d) (uint8 or float32 codes, or int64)."""
         torch = _torch()
         B, H, T, d = qh.shape
         G = B * H
@@ -956,7 +960,6 @@ class _Fused:
             for pos, v in enumerate(op.inputs):
                 consumers.setdefault(v, []).append((i, pos))
         self.consumers = consumers
-        self.f32_values: set[str] = set()      # values stored as float32 codes
         self.steps: list[tuple[list[str], Callable[[dict[str, np.ndarray], dict[str, dict[str, int]]], None]]] = []
         self.describe: list[str] = []
         self.gemms: list[_Gemm] = []          # the GEMMs the steps use (prepared at construction)
@@ -1015,11 +1018,17 @@ class _Fused:
                 self.release_after[si].append(v)
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _store_f32(self, op: _Op, gemm_only: Callable[[str], bool]) -> bool:
-        ok = gemm_only(op.output) and _f32_storable(op.out_range())
-        if ok:
-            self.f32_values.add(op.output)
-        return ok
+    def _code_dtype(self, op: _Op, gemm_only: Callable[[str], bool]) -> Any:
+        """How ``op``'s output is stored when only GEMMs read it: uint8 when every consuming GEMM
+        takes the proven ``i8`` route (which reads uint8, and whose proof puts the codes in 0..255),
+        float32 when every value of the range is exactly a float32, else None (int64)."""
+        if not gemm_only(op.output):
+            return None
+        r = op.out_range()
+        gemms = [self.engine.ops[i].gemm for i, _ in self.consumers[op.output]]
+        if 0 <= r[0] and r[1] <= 255 and all(g.xrange is not None and g.route == "i8" for g in gemms):
+            return np.uint8
+        return np.float32 if _f32_storable(r) else None
 
     @staticmethod
     def _as_i64(x: np.ndarray) -> np.ndarray:
@@ -1027,7 +1036,7 @@ class _Fused:
 
     # ---- step builders ----------------------------------------------------------------------
     def _add_generic(self, op: _Op, gemm_only: Callable[[str], bool]) -> None:
-        f32 = op.type == "linear" and self._store_f32(op, gemm_only)
+        dt = self._code_dtype(op, gemm_only) if op.type == "linear" else None
         if hasattr(op, "gemm"):
             self.gemms.append(op.gemm)
 
@@ -1036,7 +1045,7 @@ class _Fused:
             if op.type != "linear":
                 ins = [self._as_i64(x) for x in ins]
             y, c = op(*ins)
-            vals[op.output] = y.astype(np.float32) if f32 else y
+            vals[op.output] = y.astype(dt) if dt is not None else y
             counts[op.name] = c
         self.steps.append((list(op.inputs), step))
         self.describe.append(f"{op.name}: {op.type}" + (f" [{op.gemm.route}]" if hasattr(op, "gemm") else ""))
@@ -1056,25 +1065,25 @@ class _Fused:
         self.describe.append(f"{op.name}: patch_embed [{op.gemm.route}]")
 
     def _add_layernorm(self, op: _Op, gemm_only: Callable[[str], bool]) -> None:
-        f32 = self._store_f32(op, gemm_only)
+        dt = self._code_dtype(op, gemm_only) or np.int64
         pool = self.pool
 
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             x = self._as_i64(vals[op.inputs[0]])
             B, T, D = x.shape
             rows = np.ascontiguousarray(x[:, 0, :]) if op.tokens == "first" else x.reshape(B * T, D)
-            y = pool.get(rows.shape, np.float32 if f32 else np.int64)
+            y = pool.get(rows.shape, dt)
             no = op.layernorm_into(rows, y, op.ranges[0])
             vals[op.output] = y.reshape(B, -1, D)
             counts[op.name] = {"acc": 0, "out": int(no), "prob": 0}
         self.steps.append((list(op.inputs), step))
-        self.describe.append(f"{op.name}: layernorm -> {'float32' if f32 else 'int64'}")
+        self.describe.append(f"{op.name}: layernorm -> {np.dtype(dt).name}")
 
     def _add_linear_add(self, lin: _Op, add: _Op, ln: _Op | None = None,
                         gemm_only: Callable[[str], bool] | None = None) -> None:
         self.gemms.append(lin.gemm)
         pool = self.pool
-        ln_f32 = ln is not None and self._store_f32(ln, gemm_only)
+        ln_dt = (self._code_dtype(ln, gemm_only) or np.int64) if ln is not None else np.int64
         lnp = ln.ln_params(ln.ranges[0]) if ln is not None else None
 
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
@@ -1091,7 +1100,7 @@ class _Fused:
                                                    add.add_corr, add.lo, add.hi, add.add_narrow, y.reshape(M, -1),
                                                    EPI_ROWS_PER_TASK)
             else:
-                z = pool.get((M, skip.shape[-1]), np.float32 if ln_f32 else np.int64)
+                z = pool.get((M, skip.shape[-1]), ln_dt)
                 na, no, nd, nl = K.linear_add_ln_epilogue(
                     S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow, skip.reshape(M, -1), add.mult,
                     add.shift_, add.add_off, add.add_corr, add.lo, add.hi, add.add_narrow, y.reshape(M, -1),
@@ -1107,15 +1116,15 @@ class _Fused:
 
     def _add_linear_gelu(self, lin: _Op, gelu: _Op, gemm_only: Callable[[str], bool]) -> None:
         self.gemms.append(lin.gemm)
-        f32 = self._store_f32(gelu, gemm_only) and gelu.table_f32 is not None
-        table = gelu.table_f32 if f32 else gelu.table
+        dt = self._code_dtype(gelu, gemm_only) or np.int64
+        table = gelu.table.astype(dt)          # exact: the table's range decided dt
         pool = self.pool
 
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             x = vals[lin.inputs[0]]
             S = lin.gemm(x.reshape(-1, lin.gemm.K))
             M, N = S.shape[1], S.shape[2]
-            y = pool.get((M, N), np.float32 if f32 else np.int64)
+            y = pool.get((M, N), dt)
             na, no, nb = K.linear_gelu_epilogue(S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow,
                                                 table, gelu.offset, y, EPI_ROWS_PER_TASK)
             if nb:
@@ -1160,7 +1169,7 @@ class _Fused:
         center = np.concatenate([np.full(D, at.zp_q), np.full(D, at.zp_k), np.full(D, at.zp_v)]).astype(np.int64)
         acc_lo, acc_hi = lq.acc_lo, lq.acc_hi
         narrow = int(lq.narrow and lk.narrow and lv.narrow)
-        out_f32 = self._store_f32(at, gemm_only)
+        out_dt = self._code_dtype(at, gemm_only) or np.int64
         qr, kr, vr = lq.out_range(), lk.out_range(), lv.out_range()
         T_decl = eng.program.values.get(lq.output, {}).get("shape", [None])[0]
         if T_decl:
@@ -1178,7 +1187,7 @@ class _Fused:
             del S
             for j, l_ in enumerate((lq, lk, lv)):
                 counts[l_.name] = {"acc": int(c[2 * j]), "out": int(c[2 * j + 1]), "prob": 0}
-            y = pool.get((B, T, D), np.float32 if out_f32 else np.int64)
+            y = pool.get((B, T, D), out_dt)
             if route.route == "int":
                 # the int64 kernel on the (uncentered) codes
                 qi = (qh.transpose(0, 2, 1, 3).reshape(B, T, D).astype(np.int64) + at.zp_q)
