@@ -12,8 +12,9 @@ runs every row once, so slow drifts of a shared machine hit all rows alike):
 
 Reported: images/s and ms per image from the median round, and the engine's speed relative to
 torch f32 as the median over rounds of the paired ratio ``t_torch / t_engine`` (> 1: engine
-faster). Besides: the program's source (``calib.calibrate`` with CalibConfig(wbits, abits), timed;
-or a random program of the same shape when calib is unavailable), whether the engine equals the
+faster); with the int8 row, the same paired ratio of the engine against torch int8 as well.
+Besides: the program's source (``calib.calibrate`` with CalibConfig(wbits, abits), timed; or a
+random program of the same shape when calib is unavailable), whether the engine equals the
 golden model bit for bit, peak RSS of one batch of the largest size in a fresh process (engine and
 torch f32), and a fresh process's time to its first result with the warm Numba cache (import,
 program load, Engine construction, first and second batch, and the number of Numba compilations,
@@ -41,9 +42,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("deit_t", "deit_s", "cifar10_vit_d6")
 ROWS = ("torch f32", "torch int8", "fake-quant", "engine")
+SKIPPABLE = ("int8", "fakequant", "golden", "rss", "fresh")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +80,37 @@ def _csv(s: str | None, default: tuple) -> list[str]:
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # (Linux: KiB)
+
+
+def _positive_ints(s: str | None, default: tuple, what: str) -> list[int]:
+    """Comma-separated positive integers (``UserError`` otherwise)."""
+    out = []
+    for x in _csv(s, default):
+        try:
+            v = int(x)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise UserError(f"{what} must be positive integers, got '{x}'")
+        out.append(v)
+    return out
+
+
+def _options(a: argparse.Namespace) -> tuple[list[str], list[int], int, set[str]]:
+    """(models, batch sizes, repeats, skipped parts) from the options, checked before any work."""
+    from reference.zoo import resolve
+    models = _csv(a.models, ("deit_t",) if a.quick else DEFAULT_MODELS)
+    for name in models:
+        resolve(name)                           # UserError naming the known models
+    batch_sizes = _positive_ints(a.batch_sizes, ("1", "8") if a.quick else ("1", "8", "32"), "--batch-sizes")
+    repeats = a.repeats if a.repeats is not None else (3 if a.quick else 5)
+    if repeats < 1 or a.threads < 1 or a.golden_images < 1 or (a.calib_images is not None and a.calib_images < 1):
+        raise UserError("--repeats, --threads, --golden-images and --calib-images must be at least 1")
+    skip = set(_csv(a.skip, ()))
+    unknown = sorted(skip - set(SKIPPABLE))
+    if unknown:
+        raise UserError(f"--skip: unknown part(s) {', '.join(unknown)} (known: {', '.join(SKIPPABLE)})")
+    return models, batch_sizes, repeats, skip
 
 
 def _median(xs: list[float]) -> float:
@@ -310,6 +345,9 @@ def bench_model(name: str, a: argparse.Namespace, batch_sizes: list[int], repeat
                                "times_s": times[r], "cpu_s": cpu[r],
                                "speed_vs_torch_f32": _median([tf / tr for tf, tr in zip(times["torch f32"], times[r])]),
                                "cpu_speed_vs_torch_f32": _median([tf / tr for tf, tr in zip(cpu["torch f32"], cpu[r])])}
+        if "torch int8" in times:            # the stretch target: the engine against torch's dynamic int8
+            rows["engine"][str(B)]["speed_vs_torch_int8"] = _median(
+                [ti / te for ti, te in zip(times["torch int8"], times["engine"])])
     res["rows"] = rows
 
     # ---- golden (and bit-exactness of the engine on the same images)
@@ -377,6 +415,10 @@ def _fmt_table(res: dict[str, Any], batch_sizes: list[int]) -> str:
                 cells += (f" | {'':<5} {c['images_per_s']:6.2f} {c['ms_per_image']:7.1f} {c['speed_vs_torch_f32']:5.2f}x"
                           f" {c['cpu_speed_vs_torch_f32']:4.2f}x")
         lines.append(f"  {r:<12}" + cells)
+    vs8 = [(B, res["rows"]["engine"].get(str(B), {}).get("speed_vs_torch_int8")) for B in batch_sizes]
+    if any(v is not None for _, v in vs8):
+        lines.append("  engine vs torch int8 (median of paired rounds, > 1: engine faster): "
+                     + ", ".join(f"B={B} {v:.2f}x" for B, v in vs8 if v is not None))
     if "golden" in res:
         g = res["golden"]
         lines.append(f"  {'golden':<12} | {g['s_per_image']:.2f} s per image ({g['images']} image(s)); "
@@ -421,14 +463,11 @@ def run(a: argparse.Namespace) -> int:
             policy_note = f"OMP_WAIT_POLICY={a.omp_wait_policy.upper()}"
     else:
         policy_note = f"OMP_WAIT_POLICY inherited ({os.environ.get('OMP_WAIT_POLICY')})"
+    models, batch_sizes, repeats, skip = _options(a)
     import numba
     import numpy as np
     import torch
 
-    models = _csv(a.models, ("deit_t",) if a.quick else DEFAULT_MODELS)
-    batch_sizes = [int(b) for b in _csv(a.batch_sizes, ("1", "8") if a.quick else ("1", "8", "32"))]
-    repeats = a.repeats if a.repeats is not None else (3 if a.quick else 5)
-    skip = set(_csv(a.skip, ()))
     torch.set_num_threads(a.threads)
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
 
