@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import cifar_model
-from .train_cifar import saved_recipe
+from .train_cifar import read_epoch_log, saved_recipe
 
 
 def train_command(args: dict) -> str:
@@ -46,10 +46,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     run, out = Path(a.run), Path(a.out)
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     planned = state["args"]["epochs"]
     done = state["epoch"]
-    log = [r for r in log if r["epoch"] <= done]
+    log = read_epoch_log(run, upto=done)
     sd = {k: v.detach().half().contiguous() for k, v in state["model"].items()}
     record = {
         "model": cifar_model.NAME,

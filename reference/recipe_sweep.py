@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train_cifar import DEFAULT_CACHE, _cached_split
+from .train_cifar import DEFAULT_CACHE, _cached_split, read_epoch_log
 
 RESERVED = ("--data", "--out", "--resume", "--threads", "--device", "--cache")   # set by the sweep
 
@@ -70,19 +70,6 @@ def parse_runs(text: str) -> list[tuple[str, list[str]]]:
     return runs
 
 
-def read_log(run_dir: Path) -> list[dict]:
-    """The run's epoch records, the last record of each epoch kept; a half-written last line is skipped."""
-    f = run_dir / "log.jsonl"
-    recs = {}
-    for line in (f.read_text().splitlines() if f.exists() else []):
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        recs[r["epoch"]] = r
-    return [recs[e] for e in sorted(recs)]
-
-
 def rank(rows: list[dict]) -> list[dict]:
     """Finished runs by final top-1, best first, then the others in their given order."""
     return sorted(rows, key=lambda r: (r["final_top1"] is None, -(r["final_top1"] or 0.0)))
@@ -90,7 +77,7 @@ def rank(rows: list[dict]) -> list[dict]:
 
 def summary(name: str, opts: list[str], run_dir: Path, state: str) -> dict:
     """One run's record; it counts as finished only when its process of this sweep exited 0."""
-    log = read_log(run_dir)
+    log = read_epoch_log(run_dir)
     final = state == "finished" and (run_dir / "final.safetensors").exists()
     return {"name": name, "options": opts, "state": state,
             "epochs_done": log[-1]["epoch"] if log else 0,
@@ -166,7 +153,7 @@ def main(argv=None) -> int:
                 waiting = []
             if time.time() - last_print >= 60 or not (waiting or live):
                 last_print = time.time()
-                done = {n: (read_log(out / n) or [{}])[-1].get("epoch", 0) for n, _ in runs}
+                done = {n: (read_epoch_log(out / n) or [{}])[-1].get("epoch", 0) for n, _ in runs}
                 print(f"[{(time.time() - t0) / 60:5.1f} min] " + "  ".join(f"{n}:{e}" for n, e in done.items()),
                       flush=True)
     finally:                                          # never leave trainers running behind the sweep

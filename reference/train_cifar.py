@@ -55,6 +55,21 @@ def saved_recipe(args: dict) -> dict:
     return {k: args.get(k, RECIPE_DEFAULTS.get(k)) for k in RECIPE_KEYS}
 
 
+def read_epoch_log(run_dir: Path, upto: int | None = None) -> list[dict]:
+    """The run's ``log.jsonl`` records in epoch order: the last record of each epoch (a resumed
+    epoch logs again), epochs ``<= upto`` when given; a half-written line (a stopped run) is skipped."""
+    f = Path(run_dir) / "log.jsonl"
+    recs: dict[int, dict] = {}
+    for line in (f.read_text().splitlines() if f.exists() else []):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if upto is None or r["epoch"] <= upto:
+            recs[r["epoch"]] = r
+    return [recs[e] for e in sorted(recs)]
+
+
 def _cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """The decoded split, cached in ``cache`` under a name tied to the source (path, size, mtime)."""
     import hashlib
@@ -251,17 +266,15 @@ def main(argv=None) -> int:
             torch.set_rng_state(state["torch_rng"])
         start_epoch, elapsed = state["epoch"], state["elapsed"]
         print(f"resumed after epoch {start_epoch} ({elapsed / 60:.1f} min so far)")
-        log = out / "log.jsonl"                          # drop lines of an epoch stopped after its log line
-        if log.exists():
-            kept = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= start_epoch]
-            log.write_text("".join(line + "\n" for line in kept))
+        # drop the lines of an epoch stopped after its log line (it is trained again)
+        kept = read_epoch_log(out, upto=start_epoch)
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         if start_epoch >= a.epochs and (out / "final.safetensors").exists():
             print(f"already complete: {start_epoch} of {a.epochs} epochs; nothing to do")
             return 0
 
-    acc = None
     if start_epoch >= a.epochs:                          # stopped between the last epoch and the final weights
-        acc = json.loads((out / "log.jsonl").read_text().splitlines()[-1])["test_top1"]
+        acc = read_epoch_log(out)[-1]["test_top1"]
 
     for epoch in range(start_epoch, a.epochs):
         t0 = time.time()

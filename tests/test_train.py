@@ -274,8 +274,10 @@ def test_recipe_sweep_rank_and_log():
     assert [r["name"] for r in recipe_sweep.rank(rows)] == ["w", "z", "y", "x", "v"]
 
 
-def test_sweep_reads_a_log_with_a_repeated_epoch_and_a_torn_line(tmp_path):
-    from reference import recipe_sweep
+def test_epoch_log_with_a_repeated_epoch_and_a_torn_line(tmp_path):
+    from reference.train_cifar import read_epoch_log
     (tmp_path / "log.jsonl").write_text('{"epoch": 1, "test_top1": 0.1}\n{"epoch": 2, "test_top1": 0.2}\n'
                                         '{"epoch": 2, "test_top1": 0.3}\n{"epoch": 3, "te')
-    assert [r["test_top1"] for r in recipe_sweep.read_log(tmp_path)] == [0.1, 0.3]
+    assert [r["test_top1"] for r in read_epoch_log(tmp_path)] == [0.1, 0.3]
+    assert [r["test_top1"] for r in read_epoch_log(tmp_path, upto=1)] == [0.1]
+    assert read_epoch_log(tmp_path / "missing") == []
