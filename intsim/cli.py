@@ -394,8 +394,9 @@ def cmd_run(a) -> int:
 
     from . import evaluate as ev
     from .data import open_images
-    from .engine import Engine
+    from .engine import Engine, compile_stats
 
+    t_start = time.perf_counter()                 # after the imports
     check_writable(a.json, "JSON report")
     check_writable(a.save_program, "program file")
     check_writable(a.logits, "logits file")
@@ -430,8 +431,10 @@ def cmd_run(a) -> int:
         "engine": lambda x: ev.run_integer(lambda y: engine.run(y, batch_size=bs), x, scale, bs, "engine", False),
         "golden": lambda x: ev.run_integer(lambda y: golden_run(prog, y), x, scale, bs, "golden", False),
     }
+    setup_s = time.perf_counter() - t_start
     evaluation = ev.evaluate_stream(data, levels, chunk=max(bs, 256), limits={"golden": n_golden},
                                     progress=progress)
+    cs = compile_stats()
     if n_golden == 0:
         evaluation.levels.pop("golden", None)
     report = ev.compare(evaluation, labels if len(data.classes) == prog.model.get("num_classes") else None)
@@ -447,7 +450,9 @@ def cmd_run(a) -> int:
         "eval_source": data.source, "eval_images": len(data), "golden_images": n_golden,
         "labels": report["levels"]["float"].get("top1") is not None,
     }
-    report["timing"] = {"calibration_s": calib_s, "engine_setup_s": engine_setup_s}
+    report["timing"] = {"calibration_s": calib_s, "engine_setup_s": engine_setup_s, "setup_s": setup_s,
+                        "numba_compiled": cs["misses"], "numba_cache_hits": cs["hits"],
+                        "numba_compiled_kernels": cs["compiled"]}
 
     print(f"model {spec.name} ({spec.timm_name}), weights: {info.get('weights')}"
           + ("  [RANDOM WEIGHTS: structural study, accuracy is meaningless]" if info.get("weights") == "random"

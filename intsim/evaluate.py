@@ -207,4 +207,12 @@ def format_table(report: dict) -> str:
         t = sat["total"]
         lines.append(f"saturation (engine, all ops): accumulator {t['acc']}, output clamp {t['out']}, "
                      f"softmax prob {t['prob']}")
+    tm = report.get("timing")
+    if tm and "setup_s" in tm:
+        cal = tm.get("calibration_s")
+        lines.append(f"start-up: {tm['setup_s']:.1f} s from imports to the first evaluated batch"
+                     + (f" (calibration {cal:.1f} s)" if cal is not None else "")
+                     + f"; Numba compilations in this run: {tm['numba_compiled']}"
+                     + (f" ({', '.join(tm['numba_compiled_kernels'])})" if tm["numba_compiled"] else
+                        f" ({tm['numba_cache_hits']} kernel signatures loaded from the cache)"))
     return "\n".join(lines)

@@ -314,6 +314,28 @@ def test_fresh_process_compiles_nothing(tmp_path):
     assert st["hits"] > 0
 
 
+@pytest.mark.slow
+def test_second_intsim_run_compiles_nothing(tmp_path):
+    """The issue's must-show, through the command itself: a second ``intsim run`` in a fresh process
+    (bundled model and images) reports no Numba compilation, and reports its start-up time."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+    def run(i):
+        out = tmp_path / f"r{i}.json"
+        r = subprocess.run([sys.executable, "-m", "intsim.cli", "--no-progress", "run", "--images", "8",
+                            "--golden-images", "2", "--json", str(out)], capture_output=True, text=True, env=env,
+                           cwd=str(REPO), timeout=1200)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(out.read_text())["timing"], r.stdout
+
+    run(1)                                  # fills the cache if needed
+    timing, stdout = run(2)
+    assert timing["numba_compiled"] == 0 and timing["numba_compiled_kernels"] == [], timing
+    assert timing["numba_cache_hits"] > 0
+    assert 0 < timing["calibration_s"] < timing["setup_s"]
+    assert "Numba compilations in this run: 0 (" in stdout
+
+
 def test_compile_stats_shape():
     st = compile_stats()
     assert set(st) == {"hits", "misses", "compiled"}
