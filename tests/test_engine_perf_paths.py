@@ -92,6 +92,22 @@ def test_int8_route_when_provable_and_refused_when_not():
     assert "i8" not in str(Engine(prog8).routes())
 
 
+def test_int8_library_failing_its_self_check(monkeypatch):
+    """A library whose int8 product is off by one (another CPU or version): ``auto`` falls back to
+    the exact float routes and stays bit-exact; a forced ``i8`` refuses."""
+    prog = make_program(5, embed_dim=24, heads=2, depth=1, img=32, patch=16)
+    images = random_images(5, 3, 32)
+    ref = Engine(prog, gemm="int").run(images)
+    good = R._Gemm._run_i8
+    monkeypatch.setattr(R._Gemm, "_run_i8", staticmethod(lambda prep, x: good(prep, x) + 1))
+    eng = Engine(prog)
+    _same(eng.run(images), ref)
+    kinds = _gemm_kinds(eng)
+    assert "i8" not in kinds and kinds <= {"f32", "f64"} | {f"f32x{c}" for c in range(2, 5)}, kinds
+    with pytest.raises(RuntimeError, match="self-check"):
+        Engine(prog, gemm="i8")
+
+
 def test_natural_k_chunking_at_8_bits():
     """At 8 bits, K = 768 patch vectors and K = 576 fc2 inputs exceed one exact float32 pass."""
     prog = make_program(6, embed_dim=144, heads=2, depth=1, img=32, patch=16, wbits=8, abits=8)

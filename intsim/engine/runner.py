@@ -22,7 +22,8 @@ subset of the products of one output element is bounded by ``xmax * L1``:
     saturating int16 (``vpmaddubsw``): no pair can saturate), and ``xhi * L1 <= 2^24`` (the int32
     accumulator cannot overflow and its conversion to the float32 output, times the scales
     1.0 * 1.0, is exact). A construction-time self-check against int64 at the largest input the
-    proof admits confirms the library behaves so.
+    proof admits confirms the library behaves so; where it does not, ``auto`` takes the next
+    route and a forced ``i8`` raises ``RuntimeError``.
 ``f32`` (float32 BLAS, K split into C chunks)
     every chunk needs ``xmax * L1_chunk <= 2^24``: all partial sums of a chunk are integers of
     magnitude <= 2^24, which float32 represents exactly, whatever the summation order (FMA
@@ -260,6 +261,17 @@ class _Gemm:
         return (xlo >= 0 and xhi <= 255 and self.wmax <= 127 and 2 * xhi * self.wmax <= I16_MAX
                 and xhi * self.l1 <= F32_EXACT and self.K > 0 and self.N > 0 and _int8_gemm_available())
 
+    def _i8_works(self) -> bool:
+        """Whether the int8 library passes its self-check on these weights (packs them, once). A
+        failure (another CPU or library version) keeps ``auto`` on the exact float routes."""
+        if "i8" not in self._prepared:
+            try:
+                self._prepared["i8"] = self._prepare_i8()
+            except RuntimeError as e:
+                self._i8_failure = str(e)
+                self._prepared["i8"] = None
+        return self._prepared["i8"] is not None
+
     def _plan(self, xr: tuple[int, int]) -> tuple[str, list[tuple[int, int]]]:
         """(route, K-chunks) for inputs within ``xr``; a ValueError when a forced route is not exact."""
         key = (int(xr[0]), int(xr[1]))
@@ -276,6 +288,8 @@ class _Gemm:
             if not self._i8_ok(key):
                 raise ValueError(f"{self.name}: the int8 GEMM route is not provably exact (or oneDNN's int8 linear is "
                                  f"unavailable): {why}")
+            if not self._i8_works():
+                raise RuntimeError(self._i8_failure)
             plan = ("i8", [])
         elif mode == "f32":
             if f32 is None:
@@ -286,7 +300,7 @@ class _Gemm:
                 raise ValueError(f"{self.name}: a float64 GEMM would not be exact: {why}")
             plan = ("f64", [])
         else:
-            if mode == "auto" and self._i8_ok(key):
+            if mode == "auto" and self._i8_ok(key) and self._i8_works():
                 plan = ("i8", [])
             elif f32 is not None and len(f32) <= MAX_AUTO_CHUNKS:
                 plan = ("f32", f32)
@@ -334,8 +348,8 @@ class _Gemm:
         got = self._run_i8(prep, probe)
         want = probe.astype(np.int64) @ self.w16.astype(np.int64).T
         if not np.array_equal(got.astype(np.int64), want):
-            raise RuntimeError(f"{self.name}: oneDNN's int8 GEMM failed its exactness self-check; "
-                               f"run with gemm='float' and report this")
+            raise RuntimeError(f"{self.name}: oneDNN's int8 GEMM failed its exactness self-check "
+                               f"(gemm='auto' uses the float routes instead)")
         return prep
 
     @staticmethod
