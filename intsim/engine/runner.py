@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -270,6 +271,8 @@ class _Gemm:
             except RuntimeError as e:
                 self._i8_failure = str(e)
                 self._prepared["i8"] = None
+                if self.mode == "auto":
+                    warnings.warn(self._i8_failure, RuntimeWarning, stacklevel=2)
         return self._prepared["i8"] is not None
 
     def _plan(self, xr: tuple[int, int]) -> tuple[str, list[tuple[int, int]]]:
