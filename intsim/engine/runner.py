@@ -289,8 +289,8 @@ class _Gemm:
             plan = ("int", [])
         elif mode == "i8":
             if not self._i8_ok(key):
-                raise ValueError(f"{self.name}: the int8 GEMM route is not provably exact (or oneDNN's int8 linear is "
-                                 f"unavailable): {why}")
+                raise ValueError(f"{self.name}: the int8 GEMM route is not provably exact (or oneDNN's int8 "
+                                 f"linear is unavailable): {why}")
             if not self._i8_works():
                 raise RuntimeError(self._i8_failure)
             plan = ("i8", [])
