@@ -516,7 +516,11 @@ def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="intsim bench", description=__doc__.split("\n")[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    try:
+        return run(p.parse_args(argv))
+    except UserError as e:
+        print(f"intsim bench: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def format_table(report: dict) -> str:
     tm = report.get("timing")
     if tm and "setup_s" in tm:
         cal = tm.get("calibration_s")
-        lines.append(f"start-up: {tm['setup_s']:.1f} s from imports to the first evaluated batch"
+        lines.append(f"start-up: {tm['setup_s']:.1f} s from imports to the start of the evaluation"
                      + (f" (calibration {cal:.1f} s)" if cal is not None else "")
                      + f"; Numba compilations in this run: {tm['numba_compiled']}"
                      + (f" ({', '.join(tm['numba_compiled_kernels'])})" if tm["numba_compiled"] else
