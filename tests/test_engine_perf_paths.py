@@ -340,8 +340,8 @@ def test_second_intsim_run_compiles_nothing(tmp_path):
     def run(i):
         out = tmp_path / f"r{i}.json"
         r = subprocess.run([sys.executable, "-m", "intsim.cli", "--no-progress", "run", "--images", "8",
-                            "--golden-images", "2", "--json", str(out)], capture_output=True, text=True, env=env,
-                           cwd=str(REPO), timeout=1200)
+                            "--golden-images", "2", "--json", str(out)],
+                           capture_output=True, text=True, env=env, cwd=str(REPO), timeout=1200)
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(out.read_text())["timing"], r.stdout
 
