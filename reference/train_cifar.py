@@ -6,7 +6,7 @@ half an epoch then cosine decay to 0, label smoothing 0.1, augmentation = random
 initialized with a 2-D sine-cosine table, patch dropout 0.75 (every training image shows a random
 quarter of its 64 patch tokens, which cuts the cost of a step to about a quarter) for all but the
 last 3 epochs, 38 epochs (75.93% on the full test set; the 39-epoch run with 2 all-token epochs
-before it reached 74.96%). Short probes on this machine (same compute, 2,000 test images) put the
+before it reached 74.96%). Short probes on the AMD EPYC (same compute, 2,000 test images) put the
 sine-cosine start at +5 points, patch dropout at +8 and both at +13 over the plain recipe; lr
 2e-3 was worse. Full-length GPU runs at about the same CPU time put 39 epochs at 0.75 (73.66%
 after 35 of 39) level with 22 at 0.5 (73.75%) and ahead of 18 at 0.5 (71.60%); README, "The
