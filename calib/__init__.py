@@ -2,7 +2,7 @@
 
     from calib import calibrate, CalibConfig
     program = calibrate(model, images_uint8, mean, std, CalibConfig(wbits=4, abits=4))
-    program.format.save(program, "deit_tiny_w4a4.intsim")
+    intsim.program.format.save(program, "deit_tiny_w4a4.intsim")
 
 Modules: ``config`` (CalibConfig), ``observers`` (memory-bounded activation samples),
 ``uniform`` (activation / weight quantizers and their searches), ``reparam`` (MOSF / mean
@@ -11,7 +11,7 @@ post-LN reparameterization), ``softmax_search`` (post-softmax quantizer paramete
 ``swin`` (timm Swin Transformers: driver and export; ``calibrate`` dispatches to it).
 """
 from .config import CalibConfig
-from .fixedpoint import ExportError
+from intsim.program.fixedpoint import ExportError
 from .pipeline import calibrate
 
 __all__ = ["CalibConfig", "ExportError", "calibrate"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from program.format import DEFAULT_SETTINGS
-from program.quantizers import TYPES as SOFTMAX_TYPES
+from intsim.program.format import DEFAULT_SETTINGS
+from intsim.program.quantizers import TYPES as SOFTMAX_TYPES
 
 LN_RULES = ("mosf", "mean")
 # "channel": per-channel post-LN quantizers without reparameterization, the upper bound the rules
@@ -26,7 +26,7 @@ class CalibConfig:
     * ``ln_rule``: shared post-LayerNorm scale, ``mosf`` (median of the channel scales, DopQ-ViT) or
       ``mean`` (RepQ-ViT).
     * ``seed``: seeds every subsample (the result is a pure function of inputs and config).
-    * ``settings``: overrides of ``program.format.DEFAULT_SETTINGS`` (integer datapath widths);
+    * ``settings``: overrides of ``intsim.program.format.DEFAULT_SETTINGS`` (integer datapath widths);
       ``wbits`` / ``abits`` there must agree with the fields above.
     * ``sequential``: calibrate each block on the output of the already quantized blocks before
       it (fake-quant path, as RepQ-ViT's one-pass initialization sees it); ``False`` calibrates

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from program import quantizers as Q
-from program.format import FORMAT, VERSION, Program, validate
+from intsim.program import quantizers as Q
+from intsim.program.format import FORMAT, VERSION, Program, validate
 
-from .fixedpoint import ExportError, requant, requant_array
+from intsim.program.fixedpoint import ExportError, requant, requant_array
 from .state import LinearCalib, LNCalib, ModelCalib
 from .uniform import ActQuant
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from program.format import Program
+from intsim.program.format import Program
 from reference.vit import (BlockParams, ViTParams, block_forward, embed, fake_quant_uniform, layer_norm,
                            params_from_timm)
 

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from program.quantizers import SoftmaxQuantizer
+from intsim.program.quantizers import SoftmaxQuantizer
 from reference.vit import BlockParams, ViTParams, block_forward, embed, fake_quant_uniform, layer_norm
 
 from . import reparam as rp

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from program.quantizers import rnd
+from intsim.program.quantizers import rnd
 
 RULES = ("mosf", "mean")
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from program.quantizers import SoftmaxQuantizer, make, rnd_torch, thresholds
+from intsim.program.quantizers import SoftmaxQuantizer, make, rnd_torch, thresholds
 
 _HALF_PI = math.pi / 2
 _T_LIMIT = 1.5685  # largest |angle| tried (tan ~ 450)

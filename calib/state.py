@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from program.quantizers import SoftmaxQuantizer
+from intsim.program.quantizers import SoftmaxQuantizer
 
 from .reparam import Reparam
 from .uniform import ActQuant, WeightQuant

@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from program import quantizers as Q
-from program.format import FORMAT, VERSION, Program, validate
-from program.quantizers import SoftmaxQuantizer
+from intsim.program import quantizers as Q
+from intsim.program.format import FORMAT, VERSION, Program, validate
+from intsim.program.quantizers import SoftmaxQuantizer
 from reference import swin as S
 from reference.vit import BlockParams, fake_quant_uniform, layer_norm
 
 from .config import CalibConfig
 from .export import _Builder, check_bounds, check_settings, emit_block
-from .fixedpoint import ExportError
+from intsim.program.fixedpoint import ExportError
 from .observers import BlockObserver, Budget, point_rng
 from .pipeline import CHUNK, _check_images, _linear, _np, _t32, block_calib, calibrate_ln
 from .state import BlockCalib, LinearCalib, LNCalib

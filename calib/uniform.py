@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from program.quantizers import rnd
+from intsim.program.quantizers import rnd
 
 PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
 SHRINK = tuple(np.round(np.arange(1.0, 0.499, -0.05), 2).tolist())  # 1.0, 0.95, ..., 0.5

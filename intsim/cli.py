@@ -14,182 +14,20 @@ message and exits with code 2, before any long work starts, and leaves no partia
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from . import options
 from .errors import UserError
+from .options import check_writable, program_and_model, write_json_atomic
 
 # Sleeping (not spinning) OpenMP workers: on a 2-core machine spinning threads of torch and Numba
 # starve each other (torch at batch 1 measured 2 s instead of 0.14 s per image). Must be set
 # before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-SOFTMAX_QUANTS = ("tanq", "uniform", "log2", "log2sqrt")
-LN_RULES = ("mosf", "mean")
-
-
-# ---- helpers --------------------------------------------------------------------------
-
-def _bits(v: str) -> int:
-    try:
-        b = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer from 2 to 8, not '{v}'") from None
-    if not 2 <= b <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be from 2 to 8, not {b}")
-    return b
-
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not '{v}'") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {n}")
-    return n
-
-
-def _learning_rate(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), not '{v}'") from None
-    if not 0 < x < 1:
-        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), not {x:g}")
-    return x
-
-
-def _count_or_all(v: str) -> int | None:
-    return None if v == "all" else _positive(v)
-
-
-def check_writable(path: str | None, what: str) -> None:
-    """Fail now (exit 2) if ``path`` cannot be written, rather than after the long work."""
-    if path is None:
-        return
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise UserError(f"{what} {p} is a folder, not a file path")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {what} {p}: folder {parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".intsim-write-test-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise UserError(f"cannot write {what} {p}: {e.strerror}") from None
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def print_report(title: str, table: str, report: dict, json_path: str | None) -> int:
-    """Print a command's title line and table, write its report as JSON when asked; returns 0."""
-    print(title)
-    print()
-    print(table)
-    if json_path:
-        write_json_atomic(json_path, report)
-        print(f"\nwrote {json_path}")
-    return 0
-
-
-def text_table(rows) -> str:
-    """Rows of strings (the first one the header) as aligned text: first column left-justified,
-    the others right-justified, a dashed line under the header."""
-    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(v.rjust(x) if i else v.ljust(x) for i, (v, x) in enumerate(zip(r, w))) for r in rows]
-    out.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(out)
-
-
-def _json_default(o):
-    import numpy as np
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    raise TypeError(type(o))
-
-
-def _parse_settings(items: list[str]) -> dict[str, int]:
-    from program.format import DEFAULT_SETTINGS
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise UserError(f"--set expects KEY=VALUE, got '{it}'")
-        k, v = it.split("=", 1)
-        if k not in DEFAULT_SETTINGS or k in ("wbits", "abits"):
-            known = ", ".join(s for s in DEFAULT_SETTINGS if s not in ("wbits", "abits"))
-            raise UserError(f"unknown setting '{k}' (settings: {known}; use --bits/--wbits/--abits for widths)")
-        try:
-            out[k] = int(v)
-        except ValueError:
-            raise UserError(f"setting {k} must be an integer, not '{v}'") from None
-    return out
-
-
-# ---- argument groups ------------------------------------------------------------------
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from reference.zoo import DEFAULT_MODEL, MODELS
-    g = p.add_argument_group("model and weights")
-    g.add_argument("--model", default=None,
-                   help=f"model short name (default {DEFAULT_MODEL}, the bundled CIFAR-10 ViT): {', '.join(MODELS)}")
-    g.add_argument("--weights", choices=("pretrained", "random"), default=None,
-                   help="pretrained (bundled or timm weights; default) or seeded random weights for structural "
-                        "studies (accuracy is then meaningless)")
-    g.add_argument("--checkpoint", metavar="PATH", help="state dict to load (.safetensors, .pth, .bin)")
-    g.add_argument("--seed", type=int, default=0, help="seed of random weights, image draws and calibration (0)")
-
-
-def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=_bits, default=4, help="weight and activation bits, 2..8 (default 4)")
-    g.add_argument("--wbits", type=_bits, help="weight bits (overrides --bits)")
-    g.add_argument("--abits", type=_bits, help="activation bits (overrides --bits)")
-    g.add_argument("--softmax-quant", choices=SOFTMAX_QUANTS, default="tanq",
-                   help="post-softmax quantizer (default tanq, DopQ-ViT)")
-    g.add_argument("--ln-rule", choices=LN_RULES, default="mosf",
-                   help="post-LayerNorm shared scale: mosf (median, DopQ-ViT; default) or mean (RepQ-ViT)")
-    g.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="precision setting of the program, e.g. --set residual_bits=12 "
-                        "(see docs/integer-spec.md section 7)")
-    g.add_argument("--calib-data", metavar="PATH",
-                   help="calibration images: ImageFolder tree or zip (default: the bundled CIFAR-10 "
-                        "calibration set; a CIFAR-style zip/tree with train/ uses train/)")
-    g.add_argument("--calib-images", type=_positive, default=32, help="number of calibration images (32)")
-    from calib.config import RECON_DEFAULTS as RD
-    r = p.add_argument_group("block reconstruction (optional stage after calibration)")
-    r.add_argument("--reconstruct", action="store_true",
-                   help="after calibration, tune each block (then the patch embedding and the head layer-wise) "
-                        "so that its fake-quant output matches the float model's: activation scales, then the "
-                        "post-LN reparameterization, then the weights' rounding (AdaRound); the program stays an "
-                        "ordinary integer program")
-    r.add_argument("--recon-images", type=_positive, default=RD["recon_images"],
-                   help=f"images for reconstruction, drawn like the calibration images (default {RD['recon_images']})")
-    r.add_argument("--recon-iters", type=_positive, default=RD["recon_iters"],
-                   help=f"optimizer steps per block, all stages together (default {RD['recon_iters']})")
-    r.add_argument("--recon-lr", type=_learning_rate, default=RD["recon_lr"],
-                   help=f"learning rate of the rounding variables; scales use a tenth (default {RD['recon_lr']:g})")
-
 
 # Commands implemented by a module of their own: ``intsim.<module>`` has ``add_arguments(parser)``
 # and ``run(args) -> exit code``; its docstring is the command's --help description.
@@ -207,7 +45,7 @@ _MODULE_OF = {"plot": "plots"}     # command -> module, where the names differ
 
 def _module(cmd: str):
     import importlib
-    return importlib.import_module(f"intsim.{_MODULE_OF.get(cmd, cmd)}")
+    return importlib.import_module(f"intsim.studies.{_MODULE_OF.get(cmd, cmd)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,19 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images: float (timm), fake-quant (the paper's semantics), engine (Numba, integer "
                                    "only) and golden (plain integer reference, on the first --golden-images). "
                                    "Prints a table; --json writes the same figures.")
-    _add_model_args(r)
-    _add_calib_args(r)
+    options.add_model_args(r)
+    options.add_calib_args(r)
     g = r.add_argument_group("evaluation")
     g.add_argument("--program", metavar="FILE", help="load this program instead of calibrating")
     g.add_argument("--data", metavar="PATH",
                    help="evaluation images: ImageFolder tree (class folders sorted give labels) or zip; the "
                         "CIFAR-10 zip uses its test/ split (default: the bundled 2,000 CIFAR-10 test images)")
-    g.add_argument("--images", type=_count_or_all, default=None,
+    g.add_argument("--images", type=options.count_or_all, default=None,
                    help="number of evaluation images, or 'all' (default: 2000 for 32-pixel models, 128 for "
                         "224-pixel models)")
-    g.add_argument("--golden-images", type=_count_or_all, default=32,
+    g.add_argument("--golden-images", type=options.count_or_all, default=32,
                    help="run the golden model on the first N evaluation images, or 'all' (default 32)")
-    g.add_argument("--batch-size", type=_positive, default=32, help="batch size of every level (32)")
+    g.add_argument("--batch-size", type=options.positive, default=32, help="batch size of every level (32)")
     g.add_argument("--json", metavar="FILE", help="write the report as JSON")
     g.add_argument("--save-program", metavar="FILE", help="also write the calibrated program here")
     g.add_argument("--logits", metavar="FILE",
@@ -245,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="calibrate and write the integer program",
                        description="Calibrate the model with DopQ-ViT (or a baseline) and write the integer "
                                    "program file (safetensors + JSON header).")
-    _add_model_args(c)
-    _add_calib_args(c)
+    options.add_model_args(c)
+    options.add_calib_args(c)
     c.add_argument("-o", "--out", required=True, metavar="FILE", help="program file to write")
 
     i = sub.add_parser("inspect", help="summarize a program file",
@@ -262,133 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bundle", help="(maintainers) rebuild the bundled CIFAR-10 image set",
                        description="Draw the bundled calibration and evaluation images from the CIFAR-10 zip.")
     b.add_argument("cifar_zip")
-    b.add_argument("--calib", type=_positive, default=1024)
-    b.add_argument("--eval", type=_positive, default=2000)
+    b.add_argument("--calib", type=options.positive, default=1024)
+    b.add_argument("--eval", type=options.positive, default=2000)
     return ap
 
 
 # ---- commands -------------------------------------------------------------------------
 
-def _transform(spec):
-    from reference.zoo import data_config
-
-    from .data import Transform
-    dc = data_config(spec)
-    return Transform(size=dc["input_size"][-1], crop_pct=dc["crop_pct"], interpolation=dc["interpolation"]), dc
-
-
-def _calib_config(a):
-    from calib import CalibConfig
-    recon = {}
-    if getattr(a, "reconstruct", False):
-        recon = dict(reconstruct=True, recon_images=a.recon_images, recon_iters=a.recon_iters, recon_lr=a.recon_lr)
-    return CalibConfig(wbits=a.wbits or a.bits, abits=a.abits or a.bits, softmax_quant=a.softmax_quant,
-                       ln_rule=a.ln_rule, seed=a.seed, settings=_parse_settings(a.set), **recon)
-
-
-def _versions() -> dict:
-    import numba
-    import numpy
-    import timm
-    import torch
-
-    from . import __version__
-    return {"intsim": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": numpy.__version__, "numba": numba.__version__}
-
-
-def _load_calib_images(a, spec, progress):
-    from .data import load_images
-    tf, _ = _transform(spec)
-    return load_images(a.calib_data, tf, a.calib_images, split="calib", seed=a.seed, progress=progress)
-
-
-def _calibrate(a, model, spec, info, cal, progress):
-    """Calibrate ``model`` on the calibration ImageSet ``cal``; returns (program, seconds)."""
-    from calib import calibrate
-    _, dc = _transform(spec)
-    cfg = _calib_config(a)
-    prov = dict(info)
-    prov.update(seed=a.seed, calib_source=cal.source, calib_images=cal.ids, versions=_versions())
-    recon = None
-    if cfg.reconstruct:     # drawn from the same source and split as the calibration images
-        from reference.swin import is_swin
-        if is_swin(model):
-            raise UserError("--reconstruct is implemented for ViT / DeiT models only, not for Swin")
-        from .data import load_images
-        tf, _ = _transform(spec)
-        rs = load_images(a.calib_data, tf, cfg.recon_images, split="calib", seed=a.seed, progress=progress)
-        recon = rs.images
-        prov["recon_images"] = rs.ids
-    t0 = time.perf_counter()
-    prog = calibrate(model, cal.images, dc["mean"], dc["std"], cfg, provenance=prov, progress=progress,
-                     recon_images=recon)
-    secs = time.perf_counter() - t0
-    _print_reconstruction(prog)
-    return prog, secs
-
-
-def _print_reconstruction(prog) -> None:
-    rec = _calibration_info(prog).get("reconstruction")
-    if not rec:
-        return
-    units = ", ".join(f"{u['unit'].replace('blocks.', 'b')} {u['calibrated']:.3g}->{u['final']:.3g}"
-                      for u in rec["units"])
-    print(f"reconstruction on {rec['num_images']} images, relative output error per unit "
-          f"(calibrated -> reconstructed): {units}")
-
-
 def cmd_calibrate(a) -> int:
-    from program.format import save
-    from reference.zoo import DEFAULT_MODEL, load_model
+    from intsim.program.format import save
+    from intsim.models.zoo import DEFAULT_MODEL, load_model
     check_writable(a.out, "program file")
-    _parse_settings(a.set)
+    options.parse_settings(a.set)
     progress = not a.no_progress
     model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
                                    checkpoint=a.checkpoint, seed=a.seed)
-    cal = _load_calib_images(a, spec, progress)
-    prog, secs = _calibrate(a, model, spec, info, cal, progress)
+    cal = options.load_calib_images(a, spec, progress)
+    prog, secs = options.calibrate_from_args(a, model, spec, info, cal, progress)
     save(prog, a.out)
     print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.2f} MB) in {secs:.1f} s of calibration")
     return 0
 
 
-def program_and_model(a):
-    """``(program or None, model, spec, info)``: the program of ``--program`` with its matching float
-    model, or (no ``--program``) the model of ``--model`` / ``--weights`` / ``--checkpoint``."""
-    from program.format import load
-    from reference.zoo import DEFAULT_MODEL, load_model
-    if a.program:
-        prog = load(a.program)
-        return (prog, *_model_for_program(a, prog))
-    return (None, *load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
-                              checkpoint=a.checkpoint, seed=a.seed))
-
-
-def _model_for_program(a, prog):
-    """The float model matching a loaded program: explicit options win, else the provenance."""
-    from reference.zoo import load_model
-    prov = prog.header.get("provenance", {})
-    name = prog.model.get("name") or prov.get("model")
-    if a.model and a.model != name:
-        raise UserError(f"--model {a.model} does not match the program's model '{name}'")
-    if a.checkpoint or a.weights:
-        return load_model(name, weights=a.weights or "pretrained", checkpoint=a.checkpoint, seed=a.seed)
-    src = prov.get("weights")
-    if src == "random":
-        return load_model(name, weights="random", seed=int(prov.get("seed", 0)))
-    if src == "checkpoint" and prov.get("checkpoint") and Path(prov["checkpoint"]).is_file():
-        return load_model(name, checkpoint=prov["checkpoint"])
-    return load_model(name, weights="pretrained")
-
-
-def _calibration_info(prog) -> dict:
-    """The calibration record of a program (method, quantizer, rule, image count...)."""
-    return prog.header.get("provenance", {}).get("calibration", {})
-
-
 def cmd_run(a) -> int:
-    from program.format import save
+    from intsim.program.format import save
     from reference.golden import run as golden_run
     from reference.vit import FakeQuantViT
 
@@ -400,11 +135,11 @@ def cmd_run(a) -> int:
     check_writable(a.json, "JSON report")
     check_writable(a.save_program, "program file")
     check_writable(a.logits, "logits file")
-    _parse_settings(a.set)
+    options.parse_settings(a.set)
     progress = not a.no_progress
     calib_s = None
     prog, model, spec, info = program_and_model(a)
-    tf, dc = _transform(spec)
+    tf, dc = options.transform_for(spec)
     n_images = a.images if a.images is not None else (2000 if tf.size <= 64 else 128)
     if a.images is None and a.data is not None:
         n_images = None
@@ -413,8 +148,8 @@ def cmd_run(a) -> int:
     data = open_images(a.data, tf, n_images, split="eval", seed=a.seed)
     labels = data.labels
     if not a.program:
-        cal = _load_calib_images(a, spec, progress)
-        prog, calib_s = _calibrate(a, model, spec, info, cal, progress)
+        cal = options.load_calib_images(a, spec, progress)
+        prog, calib_s = options.calibrate_from_args(a, model, spec, info, cal, progress)
         if a.save_program:
             save(prog, a.save_program)
     n_golden = len(data) if a.golden_images is None else min(a.golden_images, len(data))
@@ -444,8 +179,8 @@ def cmd_run(a) -> int:
         "training": info.get("training"),
         "random_weights": info.get("weights") == "random",
         "wbits": s["wbits"], "abits": s["abits"],
-        "softmax_quant": _calibration_info(prog).get("softmax_quant"),
-        "ln_rule": _calibration_info(prog).get("ln_rule"),
+        "softmax_quant": options.calibration_info(prog).get("softmax_quant"),
+        "ln_rule": options.calibration_info(prog).get("ln_rule"),
         "settings": s, "program": a.program, "seed": a.seed,
         "eval_source": data.source, "eval_images": len(data), "golden_images": n_golden,
         "labels": report["levels"]["float"].get("top1") is not None,
@@ -500,7 +235,7 @@ def _write_logits(path: str, evaluation, labels, ids, scale: float) -> None:
 def cmd_inspect(a) -> int:
     import numpy as np
 
-    from program.format import load
+    from intsim.program.format import load
     prog = load(a.file)
     h = prog.header
     m, s = h["model"], h["settings"]
@@ -508,10 +243,10 @@ def cmd_inspect(a) -> int:
           f"{m.get('depth')} blocks, dim {m.get('embed_dim')}, {m.get('num_heads')} heads, "
           f"{m.get('num_tokens')} tokens, {m.get('num_classes')} classes")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in s.items()))
-    cal = _calibration_info(prog)
+    cal = options.calibration_info(prog)
     if cal:
         print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items() if not isinstance(v, (list, dict))))
-        _print_reconstruction(prog)
+        options.print_reconstruction(prog)
     prov = h["provenance"]
     print("provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items()
                                      if k not in ("calib_images", "recon_images", "versions", "calibration")))
@@ -530,7 +265,7 @@ def cmd_inspect(a) -> int:
     print("  ".join(c.ljust(x) for c, x in zip(cols, w)))
     for r in rows:
         print("  ".join(v.ljust(x) for v, x in zip(r, w)))
-    from .cost import format_cost, program_cost
+    from .studies.cost import format_cost, program_cost
     cost = program_cost(prog)
     print()
     print(format_cost(cost))
@@ -558,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.cmd:
         ap.print_help()
         return 2
-    from program.format import ProgramError
+    from intsim.program.format import ProgramError
     try:
         return COMMANDS[a.cmd](a)
     except (UserError, ProgramError) as e:

@@ -414,7 +414,7 @@ class FakeQuantSwin(FakeQuantViT):
         for op in program.ops:
             name, typ, a = op["name"], op["type"], op["attrs"]
             if typ == "window_attention":
-                from program.quantizers import from_dict
+                from intsim.program.quantizers import from_dict
                 self._sq[name] = from_dict(a["softmax_quant"])
                 vq, vk = program.values[op["inputs"][0]], program.values[op["inputs"][1]]
                 D = vq["shape"][-1]

@@ -9,7 +9,7 @@ Two models live here:
   the patch-embedding weights and the class token into row 0 of the position table. With the
   identity hook it equals ``model((images/255 - mean)/std)`` to float tolerance.
 * :class:`FakeQuantViT` -- the paper's fake-quant semantics, built purely from a
-  ``program.format.Program``: float weights ``w * w_scale``, float biases, float LayerNorm /
+  ``intsim.program.format.Program``: float weights ``w * w_scale``, float biases, float LayerNorm /
   softmax / GELU / residual adds, and quantize-dequantize exactly at the program's ``codes``
   values (uniform, with the value table's scale / zero point / bits) and at the post-softmax
   probabilities (the attention op's ``softmax_quant`` quantizer: encode, then ``levels``).
@@ -374,7 +374,7 @@ def fake_quant_uniform(x: torch.Tensor, scale: float, zero_point: int, bits: int
 class FakeQuantViT:
     """The fake-quant model of a program: float arithmetic, quantize-dequantize at ``codes`` values.
 
-    Built only from the program (``program.format.Program``): per op, float weights
+    Built only from the program (``intsim.program.format.Program``): per op, float weights
     ``w * w_scale`` and ``bias_float`` (linear, patch_embed), ``pos_float``, LayerNorm ``gamma`` /
     ``beta`` (after reparameterization) with the model's ``ln_eps``, and the attention op's
     ``softmax_quant``. ``int`` values (residual stream, GELU input, logits) stay float.
@@ -397,7 +397,7 @@ class FakeQuantViT:
                  int_grid: bool = False):
         """``probs_transform(op name, probs) -> probs`` (optional) edits the float post-softmax values
         (B, H, T, T) before the post-softmax quantizer: an experiment hook (``intsim clipping``)."""
-        from program.quantizers import from_dict
+        from intsim.program.quantizers import from_dict
 
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")

@@ -11,10 +11,10 @@ from timm.models.vision_transformer import VisionTransformer
 from calib import CalibConfig, ExportError, calibrate
 from calib import reparam as rp
 from calib.export import check_settings
-from calib.fixedpoint import requant, requant_array, rshift
+from intsim.program.fixedpoint import requant, requant_array, rshift
 from calib.uniform import params_from_range, qdq, quantize_weight, search_activation
-from program import format as pf
-from program.quantizers import from_dict
+from intsim.program import format as pf
+from intsim.program.quantizers import from_dict
 from reference.vit import FakeQuantViT, forward, params_from_timm, point_names
 
 MEAN = (0.4914, 0.4822, 0.4465)

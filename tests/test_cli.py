@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from intsim.cli import main
-from program.format import load, save
+from intsim.program.format import load, save
 
 
 def run_cli(capsys, *args):
@@ -96,7 +96,7 @@ def test_no_weights_explains(capsys):
 
 @pytest.fixture
 def program_file(tmp_path):
-    from random_program import make_program
+    from intsim.studies.random_program import make_program
     p = tmp_path / "p.intprog"
     save(make_program(np.random.default_rng(0)), p)
     return p
@@ -118,7 +118,7 @@ def test_program_of_other_version(capsys, program_file):
     prog = load(program_file)
     prog.header["version"] = 99
     from safetensors.numpy import save_file
-    from program.format import META_KEY, header_json
+    from intsim.program.format import META_KEY, header_json
     save_file(prog.tensors, str(program_file), metadata={META_KEY: header_json(prog.header)})
     rc, _, err = run_cli(capsys, "inspect", str(program_file))
     assert rc == 2 and "version 99" in err
@@ -129,7 +129,7 @@ def test_program_missing_tensor(capsys, program_file):
     name = next(k for k in prog.tensors if k.endswith(".thresholds"))
     del prog.tensors[name]
     from safetensors.numpy import save_file
-    from program.format import META_KEY, header_json
+    from intsim.program.format import META_KEY, header_json
     save_file(prog.tensors, str(program_file), metadata={META_KEY: header_json(prog.header)})
     rc, _, err = run_cli(capsys, "inspect", str(program_file))
     assert rc == 2 and name in err and "missing" in err

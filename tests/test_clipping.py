@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intsim.cli import main
-from intsim.clipping import zero_fraction
+from intsim.studies.clipping import zero_fraction
 
 
 def _softmax_maps(seed: int, b: int, n: int) -> torch.Tensor:

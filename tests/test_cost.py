@@ -1,13 +1,13 @@
 """The cost model against figures computed on paper for the tiny random program.
 
-Tiny ViT of tests/random_program.make_program defaults: 8x8 image, 4x4 patches (4 patch tokens +
+Tiny ViT of intsim.studies.random_program.make_program defaults: 8x8 image, 4x4 patches (4 patch tokens +
 class token = 5 tokens), dim 12, 2 heads (width 6), MLP 48, depth 2, 5 classes, W4A4,
 residual 16 bits, GELU input 12 bits, accumulator 32, multiplier 32.
 """
 import numpy as np
 
-from intsim.cost import program_cost
-from random_program import make_program
+from intsim.studies.cost import program_cost
+from intsim.studies.random_program import make_program
 
 
 def test_tiny_program_counts_by_hand():

@@ -83,7 +83,7 @@ def test_streamed_evaluation_equals_whole_array():
     from intsim import evaluate as ev
     from intsim.data import Transform, open_images
     from intsim.engine import Engine
-    from random_program import make_program
+    from intsim.studies.random_program import make_program
     from reference.golden import run as golden_run
 
     prog = make_program(3, img=32)

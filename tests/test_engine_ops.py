@@ -22,8 +22,8 @@ for _p in (str(_HERE.parent), str(_HERE)):  # the repository root and tests/ (ra
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from program.format import DEFAULT_SETTINGS, OP_SCHEMA, Program  # noqa: E402
-from random_program import exp_table, make_program, random_images, softmax_quant_tables  # noqa: E402
+from intsim.program.format import DEFAULT_SETTINGS, OP_SCHEMA, Program  # noqa: E402
+from intsim.studies.random_program import exp_table, make_program, random_images, softmax_quant_tables  # noqa: E402
 
 from intsim.engine import Engine, run_op  # noqa: E402
 from intsim.engine import kernels as K  # noqa: E402
@@ -493,7 +493,7 @@ def test_engine_matches_python_spec(seed, kw):
 
 
 def test_engine_run_shapes_and_determinism(tmp_path):
-    from program.format import load, save
+    from intsim.program.format import load, save
     prog = make_program(7, classes=6)
     images = random_images(8, 7)
     eng = Engine(prog)

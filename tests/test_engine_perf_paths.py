@@ -19,8 +19,8 @@ import numba
 import numpy as np
 import pytest
 
-from program.format import save
-from random_program import exp_table, make_program, random_images, softmax_quant_tables
+from intsim.program.format import save
+from intsim.studies.random_program import exp_table, make_program, random_images, softmax_quant_tables
 
 from intsim.engine import Engine, compile_stats, run_op
 from intsim.engine import kernels as K
@@ -301,7 +301,7 @@ def test_isqrt_from_float_start():
 _FRESH = """
 import json, sys
 import numpy as np
-from program.format import load
+from intsim.program.format import load
 from intsim.engine import Engine, compile_stats
 prog = load(sys.argv[1])
 imgs = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, when not installed
 
-from program.format import DEFAULT_SETTINGS, FORMAT, OP_SCHEMA, VERSION, Program, validate
+from intsim.program.format import DEFAULT_SETTINGS, FORMAT, OP_SCHEMA, VERSION, Program, validate
 from reference.golden import OPS, GoldenResult, accsat, encode, int_softmax, isqrt, rdiv, rq, rshift, run, sat
 from spec_ref import r_accsat, r_isqrt, r_rdiv, r_rq, r_rshift, r_sat, zero_counts   # Python-int references
 

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from calib import CalibConfig, calibrate
-from intsim import plots
+from intsim.studies import plots
 from intsim.cli import main
 from reference.vit import params_from_timm
 
@@ -67,7 +67,7 @@ def test_sweep_plots(tmp_path, capsys):
 
 
 def test_sweep_writes_plots_and_survives_plot_failure(tmp_path, capsys):
-    from intsim.sweep import _write_plots
+    from intsim.studies.sweep import _write_plots
     _write_plots(_rows(), tmp_path)
     assert all(_is_png(tmp_path / f) for f in plots.SWEEP_PNGS)
     bare = tmp_path / "bare"

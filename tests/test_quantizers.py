@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from program import quantizers as Q
+from intsim.program import quantizers as Q
 
 P = 16
 GRID = np.arange(1 << P, dtype=np.int64)

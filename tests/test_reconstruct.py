@@ -10,7 +10,7 @@ from calib import reconstruct as R
 from calib.pipeline import calibrate_params, quantized_block_forward
 from calib.uniform import quantize_weight
 from intsim.engine import Engine
-from program import format as pf
+from intsim.program import format as pf
 from reference.golden import run as golden_run
 from reference.vit import block_forward, embed, params_from_timm
 from test_e2e import MEAN, STD, images, tiny_vit
@@ -153,7 +153,7 @@ def test_cli_passes_options_into_the_config():
 
 def test_sweep_keys_reconstructed_points_apart():
     from intsim.cli import build_parser
-    from intsim.sweep import grid, point_key
+    from intsim.studies.sweep import grid, point_key
     a = build_parser().parse_args(["sweep", "--bits", "4", "--softmax-quant", "tanq", "--ln-rule", "mosf",
                                    "--reconstruct", "-o", "x"])
     (p,) = grid(a)

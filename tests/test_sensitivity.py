@@ -104,7 +104,7 @@ def test_hybrid_with_every_integer_op_equals_the_engine(small_program):
     """With every op type executed by the engine, the hybrid's logits are the engine's, dequantized:
     the conversions between the float and the integer representation are exact."""
     from intsim.engine import Engine
-    from intsim.sensitivity import hybrid_fakequant
+    from intsim.studies.sensitivity import hybrid_fakequant
     prog = small_program
     types = {op["type"] for op in prog.ops}
     x = np.random.default_rng(2).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)

@@ -4,8 +4,8 @@ import copy
 import numpy as np
 import torch
 
-from reference import cifar_model
-from reference.stress import StressProfile, apply_stress, channel_range_profile
+from intsim.models import cifar_model
+from intsim.models.stress import StressProfile, apply_stress, channel_range_profile
 
 
 def test_stress_preserves_function_and_widens_channels():
@@ -38,7 +38,7 @@ def test_bundled_stress_variant_matches_bundled_model_on_bundled_images():
     to float tolerance, top-1 agreement 100% (issue 8)."""
     from intsim.data import Transform, load_images
     from intsim.evaluate import run_float
-    from reference import zoo
+    from intsim.models import zoo
 
     model, spec, _ = zoo.load_model("cifar10_vit_d6")
     stressed, _, info = zoo.load_model("cifar10_vit_d6_stress")

@@ -53,7 +53,7 @@ def test_bad_grid(tmp_path, capsys):
 def test_streamed_evaluation_matches_in_memory(swept, tmp_path, monkeypatch):
     """Above the in-memory limit the images are decoded chunk by chunk per point; the rows are the
     same, and ``--golden-images all`` runs the golden model on every image."""
-    from intsim import sweep
+    from intsim.studies import sweep
     monkeypatch.setattr(sweep, "IN_MEMORY_BYTES", 0)
     args = [a if a != "4" or i != ARGS.index("--golden-images") + 1 else "all" for i, a in enumerate(ARGS)]
     assert main(args + ["-o", str(tmp_path)]) == 0

@@ -12,7 +12,7 @@ from calib import CalibConfig, calibrate
 from calib.swin import reparameterize
 from intsim.engine import Engine
 from intsim.engine.swin_ops import window_probabilities
-from program.format import ProgramError, Program, validate
+from intsim.program.format import ProgramError, Program, validate
 from reference import golden
 from reference import swin as S
 from reference.vit import FakeQuantViT
@@ -245,7 +245,7 @@ def test_masked_position_gets_probability_exactly_zero_in_engine():
 def test_calibration_from_saved_swin_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from reference.zoo import load_checkpoint, resolve
+    from intsim.models.zoo import load_checkpoint, resolve
     model = tiny_swin(CFG_B, seed=11)
     path = tmp_path / "swin.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -278,7 +278,7 @@ def test_cli_calibrate_swin_t_from_checkpoint(tmp_path, capsys):
     from safetensors.torch import save_file
 
     from intsim.cli import main
-    from program.format import load
+    from intsim.program.format import load
     torch.manual_seed(0)
     m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
     ck = tmp_path / "swin_t.safetensors"

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from reference import export_checkpoint, train_cifar
-from reference.cifar import CLASSES
+from training import export_checkpoint, train_cifar
+from intsim.models.cifar import CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_position_init_option(tree, tmp_path, monkeypatch):
 
 def test_recipe_probe(tree, tmp_path):
     """A probe trains the compressed schedule and logs its top-1; too few images is an error."""
-    from reference import recipe_probe
+    from training import recipe_probe
     log = tmp_path / "probes.jsonl"
     argv = ["p", "--data", str(tree), "--images", "64", "--batch", "32", "--cache", str(tmp_path / "c"),
             "--log", str(log), "--pos-init", "sincos", "--patch-drop", "0.5"]
@@ -217,7 +217,7 @@ def test_optimizer_and_loss_options(tree, tmp_path, monkeypatch, capsys):
 def test_recipe_sweep(tree, tmp_path, capsys):
     """The sweep trains every run, ranks the finished ones, reports a failed run, and a second
     sweep over the same folder resumes instead of retraining."""
-    from reference import recipe_sweep
+    from training import recipe_sweep
     runs = tmp_path / "runs.txt"
     runs.write_text("# two recipes and a broken one\nfast --epochs 1 --batch 64\n\n"
                     "ls0 --epochs 1 --batch 64 --label-smoothing 0\nbad --epochs 1 --beta2 2\n")
@@ -255,7 +255,7 @@ def test_recipe_sweep(tree, tmp_path, capsys):
 
 def test_recipe_sweep_stop_and_resume(tree, tmp_path):
     """--minutes stops the runs (exit 1, state "stopped"); the next sweep finishes them."""
-    from reference import recipe_sweep
+    from training import recipe_sweep
     runs = tmp_path / "runs.txt"
     runs.write_text("a --epochs 1 --batch 64\nb --epochs 1 --batch 64\n")
     argv = ["--data", str(tree), "--runs", str(runs), "--out", str(tmp_path / "sw"), "--device", "cpu",
@@ -269,13 +269,13 @@ def test_recipe_sweep_stop_and_resume(tree, tmp_path):
 
 
 def test_recipe_sweep_rank_and_log():
-    from reference import recipe_sweep
+    from training import recipe_sweep
     rows = [{"name": n, "final_top1": t} for n, t in (("x", None), ("y", 0.0), ("z", 0.7), ("w", 0.71), ("v", None))]
     assert [r["name"] for r in recipe_sweep.rank(rows)] == ["w", "z", "y", "x", "v"]
 
 
 def test_epoch_log_with_a_repeated_epoch_and_a_torn_line(tmp_path):
-    from reference.train_cifar import read_epoch_log
+    from training.train_cifar import read_epoch_log
     (tmp_path / "log.jsonl").write_text('{"epoch": 1, "test_top1": 0.1}\n{"epoch": 2, "test_top1": 0.2}\n'
                                         '{"epoch": 2, "test_top1": 0.3}\n{"epoch": 3, "te')
     assert [r["test_top1"] for r in read_epoch_log(tmp_path)] == [0.1, 0.3]

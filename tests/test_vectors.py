@@ -9,8 +9,8 @@ from timm.models.vision_transformer import VisionTransformer
 from calib import CalibConfig, calibrate
 from intsim.cli import main
 from intsim.errors import UserError
-from intsim.vectors import NPZ, check_vectors, parse_hex, verify_vectors, write_vectors
-from program.format import save
+from intsim.studies.vectors import NPZ, check_vectors, parse_hex, verify_vectors, write_vectors
+from intsim.program.format import save
 from reference.golden import run as golden_run
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

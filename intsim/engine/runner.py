@@ -86,7 +86,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from program.format import Program, ProgramError, validate
+from intsim.program.format import Program, ProgramError, validate
 
 from . import kernels as K
 from . import swin_ops

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import njit, prange
 
-from program.format import ProgramError
+from intsim.program.format import ProgramError
 
 OP_TYPES = ("patchify", "patch_merge", "window_attention", "token_pool")
 

@@ -7,8 +7,8 @@ cosine decay to 0), on one thread, then reports top-1 on every 5th test image (2
 of equal cost compare recipes at equal compute: patch dropout 0.5 halves a step's cost, so it
 gets twice the images. One JSON line per probe goes to ``--log``.
 
-    python -m reference.recipe_probe plain --data cifar10-jpeg.zip
-    python -m reference.recipe_probe sincos_pd05 --data cifar10-jpeg.zip --pos-init sincos --patch-drop 0.5 --images 50000
+    python -m training.recipe_probe plain --data cifar10-jpeg.zip
+    python -m training.recipe_probe sincos_pd05 --data cifar10-jpeg.zip --pos-init sincos --patch-drop 0.5 --images 50000
 
 Measured on the 2-core AMD EPYC (one probe per core, about 9 minutes each) with a first
 version of this probe that drew the dropped tokens from its own generator instead of timm's

@@ -3,7 +3,7 @@
 | short name | timm architecture | weights |
 |---|---|---|
 | ``cifar10_vit_d6`` | the bundled CIFAR-10 ViT (32 px, patch 4, dim 192, depth 6) | bundled with intsim |
-| ``cifar10_vit_d6_stress`` | its stress variant with outlier channels (``reference/stress.py``) | derived on the fly |
+| ``cifar10_vit_d6_stress`` | its stress variant with outlier channels (``intsim/models/stress.py``) | derived on the fly |
 | ``deit_t`` / ``deit_s`` / ``deit_b`` | ``deit_{tiny,small,base}_patch16_224`` | ImageNet, from timm |
 | ``vit_s`` / ``vit_b`` | ``vit_{small,base}_patch16_224`` | ImageNet, from timm |
 | ``swin_t`` / ``swin_s`` / ``swin_b`` | ``swin_{tiny,small,base}_patch4_window7_224`` | ImageNet, from timm |
@@ -35,7 +35,7 @@ class ModelSpec:
     name: str            # short name used on the command line
     timm_name: str       # timm architecture (or the bundled model's name)
     bundled: str | None = None   # file in intsim/assets holding the weights, for bundled models
-    stress: bool = False         # derived on the fly by reference.stress.apply_stress (synthetic outliers)
+    stress: bool = False         # derived on the fly by intsim.models.stress.apply_stress (synthetic outliers)
 
     @property
     def is_bundled(self) -> bool:

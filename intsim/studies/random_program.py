@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from program.format import DEFAULT_SETTINGS, FORMAT, VERSION, Program, validate
+from intsim.program.format import DEFAULT_SETTINGS, FORMAT, VERSION, Program, validate
 
 
 def rnd(v: float) -> int:
@@ -81,7 +81,7 @@ def _gelu(z: np.ndarray) -> np.ndarray:
 def make_program(rng: np.random.Generator | int | None = None, *, embed_dim: int = 12, heads: int = 2,
                  depth: int = 2, img: int = 8, patch: int = 4, classes: int = 5, wbits: int = 4,
                  abits: int = 4, settings: dict[str, int] | None = None, mlp_ratio: int = 4) -> Program:
-    """A valid random tiny-ViT program (passes ``program.format.validate``)."""
+    """A valid random tiny-ViT program (passes ``intsim.program.format.validate``)."""
     rng = np.random.default_rng(rng)
     s = dict(DEFAULT_SETTINGS)
     s.update(wbits=wbits, abits=abits)
@@ -253,7 +253,7 @@ def make_program(rng: np.random.Generator | int | None = None, *, embed_dim: int
         "model": {"arch": "random-tiny-vit", "embed_dim": D, "depth": depth, "heads": heads,
                   "mlp_hidden": hidden, "img_size": img, "patch_size": patch, "num_classes": classes},
         "settings": s,
-        "provenance": {"generator": "tests/random_program.py"},
+        "provenance": {"generator": "intsim/studies/random_program.py"},
         "values": values, "ops": ops, "output": "head", "inputs": ["image"],
     }
     prog = Program(header, tensors)

@@ -1,6 +1,6 @@
 """``intsim bench``: the integer engine's speed next to torch, on the same inputs, in one process.
 
-Per model (``--models``, short names of ``reference.zoo``; random weights: the speed does not
+Per model (``--models``, short names of ``intsim.models.zoo``; random weights: the speed does not
 depend on them) and batch size (``--batch-sizes``) it times, in interleaved rounds (each round
 runs every row once, so slow drifts of a shared machine hit all rows alike):
 
@@ -42,9 +42,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from ..errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = ("deit_t", "deit_s", "cifar10_vit_d6")
 ROWS = ("torch f32", "torch int8", "fake-quant", "engine")
 SKIPPABLE = ("int8", "fakequant", "golden", "rss", "fresh")
@@ -98,7 +98,7 @@ def _positive_ints(s: str | None, default: tuple, what: str) -> list[int]:
 
 def _options(a: argparse.Namespace) -> tuple[list[str], list[int], int, set[str]]:
     """(models, batch sizes, repeats, skipped parts) from the options, checked before any work."""
-    from reference.zoo import resolve
+    from intsim.models.zoo import resolve
     models = _csv(a.models, ("deit_t",) if a.quick else DEFAULT_MODELS)
     for name in models:
         resolve(name)                           # UserError naming the known models
@@ -170,7 +170,7 @@ def rss():
 _ENGINE_PROCESS = _PRELUDE + """
 import numpy as np
 import numba
-from program.format import load
+from intsim.program.format import load
 from intsim.engine import Engine, compile_stats
 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 t_import = time.perf_counter()
@@ -198,7 +198,7 @@ print(json.dumps(dict(import_s=t_import - t_start, import_torch_s=t_torch - t_im
 _TORCH_PROCESS = _PRELUDE + """
 import torch
 torch.set_num_threads(threads)
-from reference.zoo import load_model, data_config
+from intsim.models.zoo import load_model, data_config
 model, spec, info = load_model({model!r}, weights="random")
 size = data_config(spec)["input_size"]
 x = torch.randn({batch}, *size)
@@ -221,10 +221,7 @@ def _model_shape(model: Any) -> dict[str, int]:
 
 
 def _random_program(model: Any, wbits: int, abits: int) -> Any:
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from random_program import make_program  # noqa: E402  (fallback only)
+    from .random_program import make_program
     return make_program(0, wbits=wbits, abits=abits, **_model_shape(model))
 
 
@@ -246,8 +243,8 @@ def bench_model(name: str, a: argparse.Namespace, batch_sizes: list[int], repeat
     import torch
 
     from intsim.engine import Engine
-    from program.format import save
-    from reference.zoo import data_config, load_model
+    from intsim.program.format import save
+    from intsim.models.zoo import data_config, load_model
 
     res: dict[str, Any] = {"model": name, "notes": []}
     model, spec, _ = load_model(name, weights="random")
@@ -281,7 +278,7 @@ def bench_model(name: str, a: argparse.Namespace, batch_sizes: list[int], repeat
             res["calibration_s"] = None
     if prog is None:
         prog = _random_program(model, a.wbits, a.abits)
-        res.setdefault("program", f"random program (tests/random_program.py) w{a.wbits}a{a.abits}, model's shape")
+        res.setdefault("program", f"random program (intsim/studies/random_program.py) w{a.wbits}a{a.abits}, model's shape")
     tmpdir = tempfile.mkdtemp(prefix="intsim-bench-")
     prog_path = os.path.join(tmpdir, f"{name}.safetensors")
     save(prog, prog_path)

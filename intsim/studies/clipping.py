@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 MODES = ("none", "near0", "near1")
 
@@ -47,25 +47,25 @@ def zero_fraction(p: torch.Tensor, fraction: float, mode: str) -> torch.Tensor:
 
 
 def add_arguments(p) -> None:
-    from .cli import _add_calib_args, _add_model_args, _count_or_all
-    _add_model_args(p)
-    _add_calib_args(p)
+    from ..options import add_calib_args, add_model_args, count_or_all
+    add_model_args(p)
+    add_calib_args(p)
     g = p.add_argument_group("experiment")
     g.add_argument("--fraction", type=float, default=0.01,
                    help="fraction of each attention map's values to zero (default 0.01 = 1%%)")
     g.add_argument("--data", metavar="PATH", help="evaluation images (default: the bundled 2,000 test images)")
-    g.add_argument("--images", type=_count_or_all, default=None, help="number of evaluation images, or 'all'")
+    g.add_argument("--images", type=count_or_all, default=None, help="number of evaluation images, or 'all'")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def run(a) -> int:
     from reference.vit import FakeQuantViT, forward, params_from_timm
-    from reference.zoo import DEFAULT_MODEL, load_model
+    from intsim.models.zoo import DEFAULT_MODEL, load_model
 
     from . import metrics
-    from .cli import _calibrate, _load_calib_images, _transform, check_writable, print_report
-    from .data import load_images
+    from ..options import calibrate_from_args, load_calib_images, transform_for, check_writable, print_report
+    from ..data import load_images
 
     if not 0 < a.fraction < 1:
         raise UserError(f"--fraction must be between 0 and 1, not {a.fraction}")
@@ -76,11 +76,11 @@ def run(a) -> int:
     from reference.swin import is_swin
     if is_swin(model):
         raise UserError(f"the clipping experiment is implemented for ViT / DeiT models, not Swin ({spec.name})")
-    tf, dc = _transform(spec)
+    tf, dc = transform_for(spec)
     data = load_images(a.data, tf, a.images if a.images is not None or a.data is not None else 2000,
                        split="eval", seed=a.seed, progress=progress)
-    cal = _load_calib_images(a, spec, progress)
-    prog, calib_s = _calibrate(a, model, spec, info, cal, progress)
+    cal = load_calib_images(a, spec, progress)
+    prog, calib_s = calibrate_from_args(a, model, spec, info, cal, progress)
     params = params_from_timm(model, dc["mean"], dc["std"])
     labels = data.labels if len(data.classes) == prog.model.get("num_classes") else None
     if labels is None:
@@ -128,5 +128,5 @@ def format_table(report: dict) -> str:
     lines = [cols]
     for level, label in (("float", "float"), ("fakequant", f"fake-quant W{report['wbits']}A{report['abits']}")):
         lines.append([label] + [f"{100 * by[(level, m)]:.2f}" for m in MODES])
-    from .cli import text_table
+    from ..options import text_table
     return text_table(lines)

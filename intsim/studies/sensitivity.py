@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 INTEGER_OP_TYPES = ("layernorm", "attention", "gelu")
 LEVELS = ("fakequant", "fakequant float64", "fakequant int-grid",
@@ -45,7 +45,7 @@ def hybrid_fakequant(program, integer_types):
     ``bits`` for int values) and leaves it dequantized."""
     from reference.vit import FakeQuantViT
 
-    from .engine import run_op
+    from ..engine import run_op
 
     class Hybrid(FakeQuantViT):
         def _to_int(self, name, x):
@@ -70,13 +70,13 @@ def hybrid_fakequant(program, integer_types):
 
 
 def add_arguments(p) -> None:
-    from .cli import _add_calib_args, _add_model_args, _count_or_all
-    _add_model_args(p)
-    _add_calib_args(p)
+    from ..options import add_calib_args, add_model_args, count_or_all
+    add_model_args(p)
+    add_calib_args(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--program", metavar="FILE", help="evaluate this program file instead of calibrating")
     g.add_argument("--data", metavar="PATH", help="evaluation images (default: the bundled 2,000 test images)")
-    g.add_argument("--images", type=_count_or_all, default=None, help="number of evaluation images, or 'all'")
+    g.add_argument("--images", type=count_or_all, default=None, help="number of evaluation images, or 'all'")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
@@ -85,9 +85,9 @@ def run(a) -> int:
     from reference.vit import FakeQuantViT
 
     from . import metrics
-    from .cli import _calibrate, _load_calib_images, _transform, check_writable, print_report, program_and_model
-    from .data import load_images
-    from .engine import Engine
+    from ..options import calibrate_from_args, load_calib_images, transform_for, check_writable, print_report, program_and_model
+    from ..data import load_images
+    from ..engine import Engine
 
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, not {a.batch_size}")
@@ -98,12 +98,12 @@ def run(a) -> int:
     from reference.swin import is_swin
     if is_swin(model):
         raise UserError(f"the sensitivity study is implemented for ViT / DeiT programs, not Swin ({spec.name})")
-    tf, _ = _transform(spec)
+    tf, _ = transform_for(spec)
     data = load_images(a.data, tf, a.images if a.images is not None or a.data is not None else 2000,
                        split="eval", seed=a.seed, progress=progress)
     if not a.program:
-        cal = _load_calib_images(a, spec, progress)
-        prog, calib_s = _calibrate(a, model, spec, info, cal, progress)
+        cal = load_calib_images(a, spec, progress)
+        prog, calib_s = calibrate_from_args(a, model, spec, info, cal, progress)
     if len(data.classes) != prog.model.get("num_classes"):
         raise UserError("the evaluation data's classes do not match the model's classifier; the sensitivity "
                         "study needs labelled images of the model's classes")
@@ -155,5 +155,5 @@ def format_table(report: dict) -> str:
         lines.append((r["level"], f"{100 * r['top1']:.2f}", f"{100 * r['agree_fakequant']:.2f}",
                       f"{100 * r['minus_fakequant']:+.2f}", f"+-{100 * r['ci95']:.2f}", str(r["only_right"]),
                       str(r["only_fakequant_right"])))
-    from .cli import text_table
+    from ..options import text_table
     return text_table(lines)

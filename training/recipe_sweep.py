@@ -19,7 +19,7 @@ per-epoch top-1 curve). Exit status 0 when every run finished, 1 when any failed
 did not start. ``train_cifar --resume`` refuses a checkpoint of another recipe, so editing a
 run's line after it started fails that run (rename it to start afresh).
 
-    python -m reference.recipe_sweep --data cifar10-jpeg.zip --runs runs.txt --out sweep --minutes 7
+    python -m training.recipe_sweep --data cifar10-jpeg.zip --runs runs.txt --out sweep --minutes 7
 
 Measured on one NVIDIA H200 with a first, throwaway version of this sweep (same design: one
 process per run, one CPU thread each): with 12 runs at once about 19 s an epoch per run, alone
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                 name, opts = waiting.pop(0)
                 d = out / name
                 d.mkdir(exist_ok=True)
-                cmd = [sys.executable, "-m", "reference.train_cifar", "--data", a.data, "--out", str(d), "--resume",
+                cmd = [sys.executable, "-m", "training.train_cifar", "--data", a.data, "--out", str(d), "--resume",
                        "--threads", str(a.threads), "--cache", a.cache] + (["--device", a.device] if a.device else [])
                 fh = open(d / "stdout.txt", "a")
                 live[name] = (subprocess.Popen(cmd + opts, stdout=fh, stderr=subprocess.STDOUT), fh)

@@ -1,6 +1,6 @@
 """Export a training run's weights as the bundled checkpoint, with its record next to it.
 
-    python -m reference.export_checkpoint runs/cifar [--out intsim/assets] [--note TEXT]
+    python -m training.export_checkpoint runs/cifar [--out intsim/assets] [--note TEXT]
 
 It always reads ``RUN/last.pt`` (the last finished epoch), not ``final.safetensors``.
 
@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import cifar_model
+from intsim.models import cifar_model
 from .train_cifar import read_epoch_log, saved_recipe
 
 
 def train_command(args: dict) -> str:
     """The ``train_cifar`` command line of a run, every recipe option spelled out (options added
     after the run's checkpoint was written take the values that run used)."""
-    parts = ["python -m reference.train_cifar --data cifar10-jpeg.zip --out runs/cifar"]
+    parts = ["python -m training.train_cifar --data cifar10-jpeg.zip --out runs/cifar"]
     parts += [f"--{k.replace('_', '-')} {v}" for k, v in saved_recipe(args).items()]
     if args.get("threads"):
         parts.append(f"--threads {args['threads']}")

@@ -18,14 +18,14 @@ the 2-core CPU, eager and compiled alternating, batch 128: 1.07x faster with pat
 per-epoch test accuracy on a fixed class-balanced subset of N test images (the last epoch always
 uses the whole test set). The bundled weights were trained with both. ``--beta2``,
 ``--label-smoothing`` and ``--warmup-epochs`` expose the rest of the recipe for sweeps
-(``reference.recipe_sweep``); their defaults are the recipe above. ``--resume`` on a finished run
+(``training.recipe_sweep``); their defaults are the recipe above. ``--resume`` on a finished run
 does nothing (and writes the final weights if the run stopped just before them).
 Seeded; every epoch writes
 ``last.pt`` (model, optimizer, epoch, RNG state) into ``--out`` so a stopped run resumes with
 ``--resume``, and appends one JSON line (loss, test accuracy, wall time) to ``log.jsonl``.
 The final weights go to ``final.safetensors`` (fp16).
 
-    python -m reference.train_cifar --data ../shared/datasets/cifar10-jpeg.zip --out runs/cifar
+    python -m training.train_cifar --data ../shared/datasets/cifar10-jpeg.zip --out runs/cifar
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cifar_model
-from .cifar import MEAN, STD, load_split
+from intsim.models import cifar_model
+from intsim.models.cifar import MEAN, STD, load_split
 
 DEFAULT_CACHE = os.path.expanduser("~/.cache/intsim")
 # Options that define the trained weights: --resume refuses a checkpoint written with other values.

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from program.quantizers import rnd
+from intsim.program.quantizers import rnd
 
 
 class ExportError(ValueError):

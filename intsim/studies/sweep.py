@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 GRID_AXES = ("wbits", "abits", "softmax_quant", "ln_rule")
 
@@ -35,8 +35,8 @@ IN_MEMORY_BYTES = 1 << 30
 
 def _golden_count(v: str) -> int | None:
     """``--golden-images``: 0, a positive count, or 'all' (None)."""
-    from .cli import _count_or_all
-    return 0 if v.strip() == "0" else _count_or_all(v)
+    from ..options import count_or_all
+    return 0 if v.strip() == "0" else count_or_all(v)
 
 
 def usable_cores() -> int:
@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def grid(a) -> list[dict]:
-    from program.format import DEFAULT_SETTINGS
+    from intsim.program.format import DEFAULT_SETTINGS
     for b in (a.bits or []) + (a.wbits or []) + (a.abits or []):
         if not 2 <= b <= 8:
             raise UserError(f"bits must be from 2 to 8, not {b}")
@@ -163,9 +163,9 @@ _STATE: dict = {}
 def _init_worker(a_dict: dict) -> None:
     """Load the model and images once per process."""
     import torch
-    from reference.zoo import DEFAULT_MODEL, data_config, load_model
+    from intsim.models.zoo import DEFAULT_MODEL, data_config, load_model
 
-    from .data import Transform, load_images, open_images
+    from ..data import Transform, load_images, open_images
     a = argparse.Namespace(**a_dict)
     torch.set_num_threads(max(1, usable_cores() // max(1, a.jobs)))
     model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights, checkpoint=a.checkpoint, seed=a.seed)
@@ -203,7 +203,7 @@ def _run_point(p: dict) -> dict:
     from reference.vit import FakeQuantViT
 
     from . import evaluate as ev
-    from .engine import Engine
+    from ..engine import Engine
     s = _STATE
     a, data = s["a"], s["data"]
     recon = {}

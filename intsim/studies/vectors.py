@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 SUPPORTED = ("linear", "patch_embed", "layernorm", "attention", "gelu", "add")
 NPZ = "vectors.npz"
@@ -375,7 +375,7 @@ def find_op(program, layer: str) -> dict[str, Any]:
 
 
 def program_digest(program) -> str:
-    from program.format import header_json
+    from intsim.program.format import header_json
     return hashlib.sha256(header_json(program.header).encode()).hexdigest()
 
 
@@ -496,7 +496,7 @@ def write_vectors(program, layer: str, images: np.ndarray, out: str | os.PathLik
         np.savez(tmp / NPZ, **{a.name: a.value for a in vec.arrays})
         for a in vec.arrays:
             (tmp / f"{a.name}.hex").write_text("\n".join(to_hex_lines(a.value, a.bits, a.signed)) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=True, default=_json_default) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=True, default=json_default) + "\n")
         (tmp / FORMAT_MD).write_text(format_md(man))
         old = None
         if out.exists():
@@ -511,7 +511,7 @@ def write_vectors(program, layer: str, images: np.ndarray, out: str | os.PathLik
     return man
 
 
-def _json_default(o):
+def json_default(o):
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -538,7 +538,7 @@ def verify_vectors(program, folder: str | os.PathLike, gemm: str = "auto") -> li
     """Problems found (empty: the engine reproduces the vectors): the op re-run with the engine on
     the stored inputs against the stored output and counts, the stored constants against the
     program, and every hex file against its npz array."""
-    from .engine import run_op
+    from ..engine import run_op
     folder = Path(folder)
     man, arrays = load_vectors(folder)
     problems: list[str] = []
@@ -616,17 +616,17 @@ def add_arguments(p) -> None:
 
 def _transform_for(program):
     """The evaluation transform of the program's model (provenance), else a plain resize to its size."""
-    from .data import Transform
+    from ..data import Transform
     name = program.model.get("name") or program.header.get("provenance", {}).get("model")
     if name:
-        from reference.zoo import data_config, resolve
+        from intsim.models.zoo import data_config, resolve
         dc = data_config(resolve(name))
         return Transform(size=dc["input_size"][-1], crop_pct=dc["crop_pct"], interpolation=dc["interpolation"])
     return Transform(size=int(program.model["img_size"]), crop_pct=1.0)
 
 
 def run(a) -> int:
-    from program.format import load
+    from intsim.program.format import load
     if a.check:
         if a.layer or a.out:
             raise UserError("--check DIR takes only --program (not --layer / -o)")
@@ -648,7 +648,7 @@ def run(a) -> int:
     prog = load(a.program)
     find_op(prog, a.layer)
     _check_dest(Path(a.out))
-    from .data import load_images
+    from ..data import load_images
     data = load_images(a.data, _transform_for(prog), a.images, split="eval", seed=a.seed)
     shape = tuple(prog.values[prog.header["inputs"][0]]["shape"])
     if tuple(data.images.shape[1:]) != shape:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -224,7 +224,7 @@ def softmax_quantizers(program, block: int | None, bits: int, probs=None, v=None
     import torch
 
     from calib import softmax_search
-    from program.quantizers import from_dict, make
+    from intsim.program.quantizers import from_dict, make
     own = None
     if program is not None and block is not None:
         op = next((o for o in program.ops if o["type"] == "attention" and o["name"].startswith(f"blocks.{block}.")),
@@ -331,7 +331,7 @@ def layer_sqnr(program, params, images: np.ndarray, batch_size: int = 16) -> dic
     """
     from reference.vit import FakeQuantViT, forward
 
-    from .engine import Engine
+    from ..engine import Engine
     images = np.asarray(images)
     vals = program.values
     (inp,) = program.header["inputs"]
@@ -422,7 +422,7 @@ def plot_sqnr(sqnr: dict[str, Any], out_png: str | os.PathLike, title: str = "")
 
 def add_arguments(p) -> None:
     """``intsim plot {sweep,softmax,sqnr}``."""
-    from .cli import _add_model_args, _positive
+    from ..options import add_model_args, positive
     sub = p.add_subparsers(dest="plot", metavar="PLOT")
     s = sub.add_parser("sweep", help="accuracy against BOPs and weight storage from a sweep's results.json",
                        description="Accuracy against bit-operations and against weight storage, Pareto front "
@@ -438,45 +438,45 @@ def add_arguments(p) -> None:
     m.add_argument("--block", type=int, default=0, help="block index (default 0)")
     m.add_argument("--bits", type=int, default=None, help="quantizer bits (default: the program's abits)")
     m.add_argument("--calib-data", metavar="PATH", help="images (default: the bundled calibration set)")
-    m.add_argument("--images", type=_positive, default=32, help="number of images (32)")
+    m.add_argument("--images", type=positive, default=32, help="number of images (32)")
     m.add_argument("--no-search", action="store_true", help="default quantizer parameters instead of a search")
     m.add_argument("-o", "--out", required=True, metavar="PNG")
-    _add_model_args(m)
+    add_model_args(m)
 
     q = sub.add_parser("sqnr", help="per-layer SQNR: fake-quant vs float and engine vs fake-quant",
                        description="SQNR (dB) at every integer-valued point of the program: fake-quant against "
                                    "float and engine against fake-quant, as a bar plot and JSON.")
     q.add_argument("--program", required=True, metavar="FILE")
     q.add_argument("--data", metavar="PATH", help="images (default: the bundled evaluation set)")
-    q.add_argument("--images", type=_positive, default=32, help="number of images (32)")
+    q.add_argument("--images", type=positive, default=32, help="number of images (32)")
     q.add_argument("-o", "--out", required=True, metavar="PNG")
     q.add_argument("--json", metavar="FILE", help="also write the figures as JSON (default: PNG path with .json)")
-    _add_model_args(q)
+    add_model_args(q)
 
 
 def _float_params(a, prog):
     """The float model's parameters for a program, with the program's input normalization."""
     from reference.vit import params_from_timm
-    from reference.zoo import data_config
+    from intsim.models.zoo import data_config
 
-    from .cli import _model_for_program
-    model, spec, _ = _model_for_program(a, prog)
+    from ..options import model_for_program
+    model, spec, _ = model_for_program(a, prog)
     cal = prog.header.get("provenance", {}).get("calibration", {})
     dc = data_config(spec)
     mean, std = cal.get("mean", dc["mean"]), cal.get("std", dc["std"])
     return params_from_timm(model, mean, std), spec
 
 
-def _transform(spec):
-    from reference.zoo import data_config
+def transform_for(spec):
+    from intsim.models.zoo import data_config
 
-    from .data import Transform
+    from ..data import Transform
     dc = data_config(spec)
     return Transform(size=dc["input_size"][-1], crop_pct=dc["crop_pct"], interpolation=dc["interpolation"])
 
 
 def run(a) -> int:
-    from .cli import check_writable
+    from ..options import check_writable
     if a.plot == "sweep":
         res = Path(a.results)
         if res.is_dir():
@@ -492,7 +492,7 @@ def run(a) -> int:
         for col, keys in r["pareto"].items():
             print(f"Pareto front ({col}): {', '.join(keys)}")
         return 0
-    from program.format import load
+    from intsim.program.format import load
     if a.plot == "softmax":
         check_writable(a.out, "plot")
         prog = load(a.program)
@@ -502,8 +502,8 @@ def run(a) -> int:
         bits = a.bits or int(prog.settings["abits"])
         if not 2 <= bits <= 8:
             raise UserError(f"--bits must be from 2 to 8, not {bits}")
-        from .data import load_images
-        cal = load_images(a.calib_data, _transform(spec), a.images, split="calib", seed=a.seed)
+        from ..data import load_images
+        cal = load_images(a.calib_data, transform_for(spec), a.images, split="calib", seed=a.seed)
         probs, v = capture_attention(params, cal.images, a.block)
         quants = softmax_quantizers(prog, a.block, bits, probs, v, search=not a.no_search,
                                     prob_bits=int(prog.settings["prob_bits"]), seed=a.seed)
@@ -520,8 +520,8 @@ def run(a) -> int:
         check_writable(js, "JSON")
         prog = load(a.program)
         params, spec = _float_params(a, prog)
-        from .data import load_images
-        data = load_images(a.data, _transform(spec), a.images, split="eval", seed=a.seed)
+        from ..data import load_images
+        data = load_images(a.data, transform_for(spec), a.images, split="eval", seed=a.seed)
         s = layer_sqnr(prog, params, data.images)
         s["source"] = data.source
         s["program"] = str(a.program)
