@@ -1,4 +1,2 @@
-"""The integer program: the file format shared by calibration, the reference models and the engine."""
-from .format import DEFAULT_SETTINGS, FORMAT, VERSION, Program, ProgramError, load, save, validate
-
-__all__ = ["DEFAULT_SETTINGS", "FORMAT", "VERSION", "Program", "ProgramError", "load", "save", "validate"]
+"""The integer program: its in-memory form (``program``), the file format (``format``), the fixed-point
+helpers of export (``fixedpoint``) and the post-softmax quantizers (``quantizers``)."""

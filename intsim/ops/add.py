@@ -1,0 +1,16 @@
+"""``add``: residual addition (docs/integer-spec.md section 4.6).
+
+Everything about this op type except its golden function (``reference.golden``) lives here:
+its schema, its export from calibration state, its fake-quant forward, its engine builder and
+its cost figures.
+"""
+from __future__ import annotations
+
+NAME = "add"
+SPEC = "4.6"
+INPUTS = 2
+ATTRS = ('mult', 'shift', 'lo', 'hi')
+# tensor name -> (dtype, shape symbols); the symbols are listed in intsim.ops.base.SHAPE_SYMBOLS
+TENSORS = {}
+# tensors read only by the fake-quant reference
+FLOAT = {}

@@ -1,0 +1,18 @@
+"""``gelu``: table over every input code (docs/integer-spec.md section 4.5).
+
+Everything about this op type except its golden function (``reference.golden``) lives here:
+its schema, its export from calibration state, its fake-quant forward, its engine builder and
+its cost figures.
+"""
+from __future__ import annotations
+
+NAME = "gelu"
+SPEC = "4.5"
+INPUTS = 1
+ATTRS = ()
+# tensor name -> (dtype, shape symbols); the symbols are listed in intsim.ops.base.SHAPE_SYMBOLS
+TENSORS = {
+    "table": ('int32', ('G',)),
+}
+# tensors read only by the fake-quant reference
+FLOAT = {}

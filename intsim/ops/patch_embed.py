@@ -1,0 +1,26 @@
+"""``patch_embed``: patchify, GEMM, position embedding, class token (docs/integer-spec.md section 4.2).
+
+Everything about this op type except its golden function (``reference.golden``) lives here:
+its schema, its export from calibration state, its fake-quant forward, its engine builder and
+its cost figures.
+"""
+from __future__ import annotations
+
+NAME = "patch_embed"
+SPEC = "4.2"
+INPUTS = 1
+ATTRS = ('patch', 'lo', 'hi')
+# tensor name -> (dtype, shape symbols); the symbols are listed in intsim.ops.base.SHAPE_SYMBOLS
+TENSORS = {
+    "w": ('int16', ('N', 'K')),
+    "bias": ('int64', ('N',)),
+    "mult": ('int32', ('N',)),
+    "shift": ('int32', ('N',)),
+    "pos": ('int32', ('T', 'N')),
+}
+# tensors read only by the fake-quant reference
+FLOAT = {
+    "w_scale": ('float64', ('N',)),
+    "bias_float": ('float32', ('N',)),
+    "pos_float": ('float32', ('T', 'N')),
+}

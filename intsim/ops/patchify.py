@@ -1,0 +1,16 @@
+"""``patchify``: image to patch vectors (layout only) (docs/integer-spec.md section 9.1).
+
+Everything about this op type except its golden function (``reference.golden``) lives here:
+its schema, its export from calibration state, its fake-quant forward, its engine builder and
+its cost figures.
+"""
+from __future__ import annotations
+
+NAME = "patchify"
+SPEC = "9.1"
+INPUTS = 1
+ATTRS = ('patch',)
+# tensor name -> (dtype, shape symbols); the symbols are listed in intsim.ops.base.SHAPE_SYMBOLS
+TENSORS = {}
+# tensors read only by the fake-quant reference
+FLOAT = {}

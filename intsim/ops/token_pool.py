@@ -1,0 +1,16 @@
+"""``token_pool``: average over tokens (docs/integer-spec.md section 9.4).
+
+Everything about this op type except its golden function (``reference.golden``) lives here:
+its schema, its export from calibration state, its fake-quant forward, its engine builder and
+its cost figures.
+"""
+from __future__ import annotations
+
+NAME = "token_pool"
+SPEC = "9.4"
+INPUTS = 1
+ATTRS = ('mult', 'shift', 'zp', 'lo', 'hi')
+# tensor name -> (dtype, shape symbols); the symbols are listed in intsim.ops.base.SHAPE_SYMBOLS
+TENSORS = {}
+# tensors read only by the fake-quant reference
+FLOAT = {}

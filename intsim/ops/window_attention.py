@@ -1,0 +1,26 @@
+"""``window_attention``: shifted windows, relative position bias, masked integer softmax (docs/integer-spec.md section 9.3).
+
+Everything about this op type except its golden function (``reference.golden``) lives here:
+its schema, its export from calibration state, its fake-quant forward, its engine builder and
+its cost figures.
+"""
+from __future__ import annotations
+
+NAME = "window_attention"
+SPEC = "9.3"
+INPUTS = 3
+ATTRS = ('heads', 'window', 'cyclic_shift', 'grid', 'score_frac', 'zp_q', 'zp_k', 'zp_v', 'score_mult', 'score_shift', 'exp_frac_bits', 'exp_bits', 'prob_bits', 'recip_frac', 'decode_bits', 'mult', 'shift', 'zp', 'lo', 'hi', 'softmax_quant')
+# tensor name -> (dtype, shape symbols); the symbols are listed in intsim.ops.base.SHAPE_SYMBOLS
+TENSORS = {
+    "exp_table": ('int64', ('E',)),
+    "thresholds": ('int64', ('Q',)),
+    "decode": ('int64', ('Q+1',)),
+    "tokens": ('int32', ('Wc', 'Wn')),
+    "bias_table": ('int64', ('Hh', 'Wr')),
+    "rel_index": ('int32', ('Wn', 'Wn')),
+    "mask": ('int8', ('Wc', 'Wn', 'Wn')),
+}
+# tensors read only by the fake-quant reference
+FLOAT = {
+    "levels": ('float64', ('Q+1',)),
+}

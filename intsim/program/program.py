@@ -1,0 +1,78 @@
+"""The integer program in memory, and the format's constants.
+
+``Program`` is the JSON header (model, settings, provenance, values, ops) plus the named tensors;
+``intsim.program.format`` reads, writes and validates it; ``intsim.ops`` says what each op holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FORMAT = "intsim-program"
+VERSION = 1
+META_KEY = "intsim_program"
+
+DEFAULT_SETTINGS: dict[str, int] = {
+    "wbits": 4,
+    "abits": 4,
+    "residual_bits": 16,
+    "acc_bits": 32,
+    "mult_bits": 32,
+    "exp_frac_bits": 8,
+    "exp_bits": 16,
+    "prob_bits": 16,
+    "recip_frac": 30,
+    "decode_bits": 16,
+    "gelu_bits": 12,
+    "ln_recip_bits": 48,
+    "ln_norm_frac": 16,
+    "logit_bits": 16,
+}
+
+VALUE_KINDS = ("image", "codes", "int")
+
+
+class ProgramError(ValueError):
+    """A program file or object that does not follow the format."""
+
+
+@dataclass
+class Program:
+    """An integer program in memory: the JSON header and the named tensors (numpy arrays)."""
+
+    header: dict[str, Any]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # ---- convenient views -------------------------------------------------------------
+    @property
+    def ops(self) -> list[dict[str, Any]]:
+        return self.header["ops"]
+
+    @property
+    def values(self) -> dict[str, dict[str, Any]]:
+        return self.header["values"]
+
+    @property
+    def settings(self) -> dict[str, int]:
+        return self.header["settings"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.header["model"]
+
+    @property
+    def output(self) -> str:
+        return self.header["output"]
+
+    def t(self, op: dict[str, Any] | str, name: str) -> np.ndarray:
+        """The tensor ``name`` of an op (given as the op dict or its name)."""
+        opname = op if isinstance(op, str) else op["name"]
+        return self.tensors[f"{opname}.{name}"]
+
+    def op(self, name: str) -> dict[str, Any]:
+        for o in self.ops:
+            if o["name"] == name:
+                return o
+        raise KeyError(name)
