@@ -16,3 +16,19 @@ TENSORS = {
 }
 # tensors read only by the fake-quant reference
 FLOAT = {}
+
+
+# ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
+# (export)
+
+
+# ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
+# (fake-quant)
+
+
+# ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
+# (engine)
+
+
+# ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
+# (cost)

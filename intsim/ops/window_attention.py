@@ -24,3 +24,19 @@ TENSORS = {
 FLOAT = {
     "levels": ('float64', ('Q+1',)),
 }
+
+
+# ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
+# (export)
+
+
+# ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
+# (fake-quant)
+
+
+# ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
+# (engine)
+
+
+# ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
+# (cost)
