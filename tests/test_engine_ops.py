@@ -26,7 +26,7 @@ from intsim.program.format import DEFAULT_SETTINGS, OP_SCHEMA, Program  # noqa: 
 from intsim.studies.random_program import exp_table, make_program, random_images, softmax_quant_tables  # noqa: E402
 
 from intsim.engine import Engine, run_op  # noqa: E402
-from intsim.engine import kernels as K  # noqa: E402
+from intsim.kernels import numeric as K  # noqa: E402
 
 HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 seeds = st.integers(0, 2**32 - 1)
@@ -285,8 +285,8 @@ def test_linear_saturation_and_int_fallback():
     assert c["acc"] > 0 and c["out"] > 0
     # values too wide for an exact float64 GEMM take the int64 route; both routes agree where both exact
     big = rng.integers(-2**45, 2**45, size=(1, 3, Kd))
-    from intsim.engine.runner import _Op
-    o = _Op(prog, op, "auto")
+    from intsim.engine import build_op
+    o = build_op(prog, op, "auto")
     o(big)
     assert o.gemm.last_route == "int"
     o(x)

@@ -23,8 +23,10 @@ from intsim.program.format import save
 from intsim.studies.random_program import exp_table, make_program, random_images, softmax_quant_tables
 
 from intsim.engine import Engine, compile_stats, run_op
-from intsim.engine import kernels as K
-from intsim.engine import runner as R
+from intsim.engine import build_op
+from intsim.kernels import gemm as G
+from intsim.kernels import numeric as K
+from intsim.ops import attention as A
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +43,7 @@ def _gemm_kinds(eng: Engine) -> set[str]:
     return kinds
 
 
-def _attn_routes(eng: Engine) -> list[R._AttnRoute]:
+def _attn_routes(eng: Engine) -> list[A.AttnRoute]:
     return [r for o in eng.ops if o.type == "attention" for r in o._routes.values()]
 
 
@@ -98,8 +100,8 @@ def test_int8_library_failing_its_self_check(monkeypatch):
     prog = make_program(5, embed_dim=24, heads=2, depth=1, img=32, patch=16)
     images = random_images(5, 3, 32)
     ref = Engine(prog, gemm="int").run(images)
-    good = R._Gemm._run_i8
-    monkeypatch.setattr(R._Gemm, "_run_i8", staticmethod(lambda prep, x: good(prep, x) + 1))
+    good = G.Gemm._run_i8
+    monkeypatch.setattr(G.Gemm, "_run_i8", staticmethod(lambda prep, x: good(prep, x) + 1))
     with pytest.warns(RuntimeWarning, match="self-check"):
         eng = Engine(prog)
     _same(eng.run(images), ref)
@@ -138,7 +140,7 @@ def test_linear_routes_on_edge_values():
     for x in (np.full((1, 2, Kd), 255), rng.integers(-255, 256, size=(2, 3, Kd)), rng.integers(0, 256, (1, 4, Kd))):
         for mode in ("auto", "f32", "f64", "int"):
             check(prog, op, x, gemm=mode)
-    o = R._Op(prog, op, "f32")
+    o = build_op(prog, op, "f32")
     o(np.full((1, 1, Kd), 255))
     assert o.gemm.last_kind.startswith("f32x")        # 255 * 255 * 300 > 2^24: chunked
     with pytest.raises(ValueError):
@@ -153,7 +155,7 @@ def test_attention_digit_split_and_float64(monkeypatch):
     eng = Engine(prog)
     _same(eng.run(images), ref)
     assert all(r.route == "fast" and r.parts.shape[1] == 1 for r in _attn_routes(eng))
-    monkeypatch.setattr(R, "USE_ROW_BOUND", False)
+    monkeypatch.setattr(A, "USE_ROW_BOUND", False)
     eng = Engine(prog)
     _same(eng.run(images), ref)
     routes = _attn_routes(eng)
@@ -191,7 +193,7 @@ def test_decode_row_bound_holds():
         thr, dec, _ = softmax_quant_tables(sq, ab, P, L)
         T = int(rng.integers(1, 300))
         tab = exp_table(E, X)
-        bound = R._decode_row_bound(dec, thr, T, P, G, int(tab.max()))
+        bound = A.decode_row_bound(dec, thr, T, P, G, int(tab.max()))
         score_mult, score_shift = int(rng.integers(2 ** 30, 2 ** 31)), int(rng.integers(20, 40))
         rows = [np.zeros((1, T), np.int64),                                   # all equal
                 rng.integers(-2 ** 12, 2 ** 12, (4, T)),
@@ -210,13 +212,13 @@ def test_softmax_tables_are_exact():
         tab = exp_table(E, int(rng.integers(8, 20)))
         sm, ss = int(rng.integers(0, 2 ** 31)), int(rng.integers(0, 45))
         thr = np.sort(rng.integers(0, 2 ** 12, size=int(rng.integers(1, 20))))
-        etab, dz, ctab = R._softmax_tables(tab, sm, ss, E, thr, 12, 2 ** 32 - 1)
+        etab, dz, ctab = A.softmax_tables(tab, sm, ss, E, thr, 12, 2 ** 32 - 1)
         diffs = np.concatenate([np.arange(min(len(etab) + 5, 3000)), rng.integers(0, 2 ** 32, 200),
                                 [dz, dz + 1, max(dz - 1, 0)]])
         for diff in diffs.tolist():
-            u = R._py_rq(int(diff), sm, ss)
+            u = K.rq_int(int(diff), sm, ss)
             ip = u >> E
-            want = 0 if ip > 62 else int(R._np_rshift(tab[u & ((1 << E) - 1)], ip))
+            want = 0 if ip > 62 else int(K.rshift_array(tab[u & ((1 << E) - 1)], ip))
             if diff < len(etab) - 1:
                 assert int(etab[diff]) == want
             if diff >= dz:
@@ -227,7 +229,7 @@ def test_softmax_tables_are_exact():
 
 
 def test_route_bounds_are_documented_and_asserted():
-    assert R.F32_EXACT == 2 ** 24 and R.F64_EXACT == 2 ** 53 and R.I16_MAX == 2 ** 15 - 1
+    assert G.F32_EXACT == 2 ** 24 and G.F64_EXACT == 2 ** 53 and G.I16_MAX == 2 ** 15 - 1
     for name in ("_Gemm", "_decode_row_bound", "_softmax_tables", "_rq_offsets", "_attn_route"):
         assert getattr(R, name).__doc__
     # forced routes that are not provably exact are refused at construction

@@ -11,7 +11,7 @@ from timm.models.swin_transformer import SwinTransformer, window_partition
 from calib import CalibConfig, calibrate
 from calib.swin import reparameterize
 from intsim.engine import Engine
-from intsim.engine.swin_ops import window_probabilities
+from intsim.ops.window_attention import window_probabilities
 from intsim.program.format import ProgramError, Program, validate
 from reference import golden
 from reference import swin as S

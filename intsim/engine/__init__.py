@@ -1,30 +1,13 @@
-"""The Numba integer engine: bit-exact execution of an intsim program (``docs/integer-spec.md``)."""
-from typing import Any
+"""The Numba integer engine: bit-exact execution of an intsim program (``docs/integer-spec.md``).
 
-from .runner import COUNT_KEYS, GEMM_MODES, Engine, EngineResult, run_op
+``Engine(program).run(images)`` runs a whole program (fused steps); ``run_op`` one op; ``build_op``
+prepares one op through the operator registry (``intsim.ops``). The kernels are in
+``intsim.kernels``; ``compile_stats`` counts their compilations in this process.
+"""
+from intsim.kernels import compile_stats
+from intsim.kernels.gemm import GEMM_MODES
+from intsim.ops.base import COUNT_KEYS
 
+from .runner import Engine, EngineResult, build_op, run_op
 
-def compile_stats() -> dict[str, Any]:
-    """Numba compilations in this process: ``{"misses": n, "hits": n, "compiled": [kernel names]}``.
-
-    Every kernel is ``cache=True``; a miss is a signature compiled in this process (a fresh
-    process with a warm cache has none), a hit one loaded from the on-disk cache.
-    """
-    from numba.core.dispatcher import Dispatcher
-
-    from . import kernels
-
-    hits = misses = 0
-    compiled = []
-    for name, obj in sorted(vars(kernels).items()):
-        if isinstance(obj, Dispatcher):
-            st = obj.stats
-            h, m = sum(st.cache_hits.values()), sum(st.cache_misses.values())
-            hits += h
-            misses += m
-            if m:
-                compiled.append(name)
-    return {"hits": hits, "misses": misses, "compiled": compiled}
-
-
-__all__ = ["COUNT_KEYS", "GEMM_MODES", "Engine", "EngineResult", "compile_stats", "run_op"]
+__all__ = ["COUNT_KEYS", "GEMM_MODES", "Engine", "EngineResult", "build_op", "compile_stats", "run_op"]

@@ -6,6 +6,16 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.epilogues import add_requant
+from intsim.kernels.numeric import narrow_ok, rq_offsets
+from intsim.program.program import Program
+
+from .base import EngineOp, as_int_input, check_shifts
+
 NAME = "add"
 SPEC = "4.6"
 INPUTS = 2
@@ -25,7 +35,33 @@ FLOAT = {}
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class AddEngine(EngineOp):
+    """Spec 4.6 on the engine: ``sat(a + rq(skip, mult, shift), lo, hi)`` elementwise
+    (``epilogues.add_requant``); the fused ``linear -> add`` epilogue reads ``add_off``,
+    ``add_corr`` and ``add_narrow`` (the offset form, proven from the skip's range)."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        self.mult, self.shift_ = self.a("mult"), self.a("shift")
+        self.lo, self.hi = self.a("lo"), self.a("hi")
+        check_shifts(self.name, np.array([self.shift_]))
+        a_off, a_corr = rq_offsets(np.array([self.shift_]))
+        self.add_off, self.add_corr = int(a_off[0]), int(a_corr[0])
+        sr = self.ranges[1]           # the skip's proven range decides the offset form's exactness
+        self.add_narrow = narrow_ok(sr[0], sr[1], np.array([self.mult]), np.array([self.shift_])) if sr else 0
+
+    def forward(self, a: np.ndarray, skip: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        a = as_int_input(a, self.name)
+        skip = as_int_input(skip, self.name)
+        if a.shape != skip.shape:
+            raise ValueError(f"op '{self.name}': a {a.shape} and skip {skip.shape} differ in shape")
+        cols = a.shape[-1] if a.ndim and a.shape[-1] else 1
+        y, no = add_requant(a.reshape(-1), skip.reshape(-1), self.mult, self.shift_, self.lo, self.hi, cols)
+        return y.reshape(a.shape), {"acc": 0, "out": int(no), "prob": 0}
+
+
+ENGINE = AddEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

@@ -3,8 +3,39 @@
 Everything about this op type except its golden function (``reference.golden``) lives here:
 its schema, its export from calibration state, its fake-quant forward, its engine builder and
 its cost figures.
+
+The engine's routes
+-------------------
+The scores ``A = (q - zp_q)(k - zp_k)^T`` per head (d products) and the decode product
+``O = decode[code] (v - zp_v)`` (T products) are batched BLAS products (torch.matmul); the
+integer softmax and threshold encoding between them run per row in a parallel Numba kernel, with
+exact lookup tables built at construction (``softmax_tables``: e by score gap, code by
+probability). Bounds, with ``qmax = max |q - zp_q|`` over the proven range of q (likewise k, v):
+
+* scores in float32 when ``d * qmax * kmax <= 2^24``, else float64 when ``<= 2^53``;
+* decode product: ``R`` = a proven bound of ``sum_j |decode[code[i, j]]|`` over any row, the
+  smaller of ``T * max|decode|`` and the softmax-normalization bound of ``decode_row_bound``
+  (the probabilities of a row sum to about 2^P, and ``|decode[code(p)]|`` is bounded by an
+  affine function of p). One float32 GEMM when ``R * vmax <= 2^24``; else ``decode`` is split
+  into ``np <= 3`` base-``2^s`` digits (``decode = sum_i digit_i 2^(s i)``, low digits in
+  ``[0, 2^s)``, the top digit signed) with ``T * max|digit_i| * vmax <= 2^24`` per digit, the np
+  products one batched GEMM (digit matrices stacked along rows) recombined in int64; else float64
+  when ``R * vmax <= 2^53``; else the whole op runs in the int64 kernel.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.attention import attention_i64, attn_output, attn_softmax
+from intsim.kernels.gemm import F32_EXACT, F64_EXACT, data_range, torch_module
+from intsim.kernels.numeric import MAX_SHIFT, narrow_ok, rq_int, rq_offsets, rshift_array
+from intsim.program.program import Program, ProgramError
+
+from .base import EngineOp, as_int_input, check_shifts, i64
 
 NAME = "attention"
 SPEC = "4.4"
@@ -31,7 +62,302 @@ FLOAT = {
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+#: ``auto`` splits the decode table into at most this many float32 digits before float64.
+MAX_AUTO_PARTS = 3
+#: Rows of one softmax task (parallel work item): B * H * ceil(T / rows) tasks.
+SOFTMAX_ROWS_PER_TASK = 8
+#: Use the softmax-normalization bound of the decode product (``decode_row_bound``); tests turn it
+#: off to exercise the digit split.
+USE_ROW_BOUND = True
+#: Largest exp table by score gap (int32 entries) and code table by probability (2^P int16 entries).
+MAX_ETAB = 1 << 16
+MAX_CTAB_BITS = 18
+
+
+def digits(decode: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """decode = sum_i digit_i * 2^(bits * i): low digits in [0, 2^bits), the top one signed (floor)."""
+    out = np.empty((decode.shape[0], n), np.int64)
+    rest = decode.astype(np.int64).copy()
+    for i in range(n - 1):
+        out[:, i] = rest & ((1 << bits) - 1)
+        rest = rest >> bits
+    out[:, n - 1] = rest
+    return out
+
+
+@dataclass
+class AttnRoute:
+    route: str                  # "fast" or "int"
+    score_dtype: Any = None     # np.float32 / np.float64
+    pv_dtype: Any = None
+    part_bits: int = 0
+    parts: np.ndarray | None = None   # (Q+1, np) digits of decode, in pv_dtype
+    why: str = ""
+
+
+def decode_row_bound(decode: np.ndarray, thresholds: np.ndarray, T: int, P: int, G: int, tabmax: int) -> int:
+    """An upper bound of ``sum_j |decode[code[i, j]]|`` over one softmax row of T tokens, from the
+    softmax normalization (the probabilities of a row sum to about 2^P), proven from constants:
+
+    * ``p_j = min(rshift(e_j inv, G), 2^P - 1) <= e_j inv / 2^G + 1/2``, ``inv = rdiv(2^(P+G), Z)
+      <= 2^(P+G) / Z + 1/2`` and ``Z = sum_j e_j <= T * max(exp_table)`` (``e <= exp_table`` entry
+      for nonnegative tables), so ``SP = sum_j p_j <= 2^P + T * max(exp_table) / 2^(G+1) + T / 2``;
+    * for any ``a >= 0``: ``|decode[code(p)]| * 2^16 <= a * p + b`` for every p in ``0 .. 2^P - 1``
+      with ``b = max_p (|decode[code(p)]| * 2^16 - a * p)``; code(p) is constant between
+      consecutive thresholds, so that maximum is attained at p = 0 or at a threshold and is
+      computed exactly there. Hence ``sum_j |decode| <= (a * SP + T * b) / 2^16``.
+
+    The best of a few slopes a (and the plain ``T * max|decode|``) is returned.
+    """
+    dmax = int(np.abs(decode).max()) if decode.size else 0
+    plain = T * dmax
+    if G < 1 or tabmax < 0 or P < 1:
+        return plain
+    pmax = (1 << P) - 1
+    sp = (1 << P) + -(-(T * tabmax) // (1 << (G + 1))) + -(-T // 2)
+    u = np.sort(np.asarray(thresholds, np.int64))
+    starts = np.unique(np.concatenate([[0], u[(u >= 0) & (u <= pmax)]]))       # left ends of the code intervals
+    codes = np.searchsorted(u, starts, side="right")                              # code(p) = #{thresholds <= p}
+    dec16 = np.abs(np.asarray(decode, np.int64))[codes] << 16
+    pos = (starts > 0) & (dec16 > 0)
+    cand = [0]
+    if pos.any():
+        r = -(-dec16[pos] // starts[pos])                                         # slopes through each start
+        cand += sorted(set(np.quantile(r, np.linspace(0.0, 1.0, 9), method="higher").tolist()))
+    best = plain
+    for a in cand:
+        b = max(int((dec16 - a * starts).max()), 0)
+        best = min(best, -(-(a * sp + T * b) // (1 << 16)))
+    return best
+
+
+def attn_route(mode: str, d: int, T: int, qmax: int, kmax: int, vmax: int, decode: np.ndarray,
+                name: str, row_bound: int | None = None) -> AttnRoute:
+    """Choose the attention arithmetic (module docstring); ValueError when a forced route is not exact.
+
+    ``row_bound``: a proven bound of ``sum_j |decode[code]|`` per row (``decode_row_bound``).
+    """
+    if mode == "int":
+        return AttnRoute("int", why="gemm='int'")
+    sb = d * qmax * kmax
+    dmax = int(np.abs(decode).max()) if decode.size else 0
+    pb = vmax * min(T * dmax, row_bound if row_bound is not None else T * dmax)
+    # scores
+    if sb <= F32_EXACT and mode != "f64":
+        sdt = np.float32
+    elif sb <= F64_EXACT and mode != "f32":
+        sdt = np.float64
+    else:
+        if mode in ("float", "f32", "f64"):
+            raise ValueError(f"attention '{name}': the score product is not exact in the requested "
+                             f"float type (d={d}, max|q-zq|={qmax}, max|k-zk|={kmax})")
+        return AttnRoute("int", why=f"score bound {sb} > 2^53")
+    # decode product: float32 digits
+    parts = None
+    if mode != "f64" and T * vmax > 0:
+        cap = MAX_AUTO_PARTS if mode != "f32" else 8
+        for n in range(1, cap + 1):
+            if n == 1:
+                if pb <= F32_EXACT:
+                    parts, bits = decode.reshape(-1, 1).astype(np.int64), 0
+                    break
+                continue
+            bits = int(math.floor(math.log2(F32_EXACT / (T * vmax)))) if F32_EXACT >= T * vmax else 0
+            while bits >= 1 and (1 << bits) * T * vmax > F32_EXACT:
+                bits -= 1
+            if bits < 1:
+                break
+            dg = digits(decode, bits, n)
+            if all(int(np.abs(dg[:, i]).max()) * T * vmax <= F32_EXACT for i in range(n)):
+                parts = dg
+                break
+    elif T * vmax == 0:
+        parts, bits = decode.reshape(-1, 1).astype(np.int64), 0
+    if parts is not None:
+        return AttnRoute("fast", sdt, np.float32, bits, np.ascontiguousarray(parts, dtype=np.float32),
+                          why=f"scores {np.dtype(sdt).name} (bound {sb}), decode product float32 in "
+                              f"{parts.shape[1]} digit(s) of {bits} bits (bound {pb})")
+    if pb <= F64_EXACT and mode != "f32":
+        return AttnRoute("fast", sdt, np.float64, 0, np.ascontiguousarray(decode.reshape(-1, 1), dtype=np.float64),
+                          why=f"scores {np.dtype(sdt).name} (bound {sb}), decode product float64 (bound {pb})")
+    if mode in ("float", "f32", "f64"):
+        raise ValueError(f"attention '{name}': the decode product is not exact in the requested float type "
+                         f"(T={T}, max|decode|={dmax}, max|v-zv|={vmax})")
+    return AttnRoute("int", why=f"decode product bound {pb} > 2^53")
+
+
+def softmax_tables(exp_table: np.ndarray, score_mult: int, score_shift: int, E: int,
+                    thresholds: np.ndarray, P: int, max_diff: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Exact lookup tables of the softmax kernel (``intsim.kernels.attention.attn_softmax``).
+
+    ``etab[diff]`` (int32) is ``e`` for the score gap ``diff = m - A`` (spec 4.4: ``u = rq(diff,
+    score_mult, score_shift)``, ``e = rshift(exp_table[u & (2^E - 1)], u >> E)`` or 0 beyond shift
+    62), computed here with the same integer formulas for the gaps ``0 .. len(etab) - 2``; the last
+    entry is 0 (the value of every gap ``>= dz``).
+    ``dz``: every gap ``>= dz`` has ``e = 0``. Proof: with ``score_mult >= 0`` u is nondecreasing in
+    the gap; with ``0 <= exp_table < 2^b`` every ``u >= (b + 1) * 2^E`` has ``ip = u >> E >= b + 1``
+    and ``rshift(t, ip) = (t >> ip) + bit ip-1 of t = 0`` for ``t < 2^(ip-1)`` (and ``ip > 62`` gives
+    0 by definition). ``dz`` is the smallest gap reaching that u (binary search), or ``max_diff + 1``
+    (never) when the premises fail or it is not reached. Gaps between ``len(etab)`` and ``dz`` are
+    computed by the kernel itself.
+    ``ctab[p]`` (int16) is the code of a probability p in ``0 .. 2^P - 1``: the number of thresholds
+    ``<= p`` (the literal count of spec 4.4, order-independent); empty when ``P > MAX_CTAB_BITS``.
+    """
+    never = min(max_diff + 1, 2 ** MAX_SHIFT)
+    tab = np.asarray(exp_table, np.int64)
+    dz = never
+    if score_mult >= 0 and tab.size and int(tab.min()) >= 0:
+        ustop = (int(tab.max()).bit_length() + 1) << E
+        top = never - 1
+        if rq_int(top, score_mult, score_shift) >= ustop:
+            lo, hi = 0, top                         # invariant: u(hi) >= ustop
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if rq_int(mid, score_mult, score_shift) >= ustop:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            dz = lo
+    ntab = int(min(dz, MAX_ETAB, never))
+    diff = np.arange(ntab, dtype=np.int64)
+    u = rshift_array(diff * np.int64(score_mult), score_shift)
+    ip = u >> E
+    e = np.where(ip <= MAX_SHIFT, rshift_array(tab[u & ((1 << E) - 1)], np.minimum(ip, MAX_SHIFT)), 0)
+    if e.size and (int(e.min()) < -(2 ** 31) or int(e.max()) >= 2 ** 31):
+        e = e[:0]                                      # not representable in int32: no table
+    etab = np.ascontiguousarray(np.concatenate([e, [0]]), dtype=np.int32)     # + the 0 of gaps >= dz
+    if P <= MAX_CTAB_BITS and thresholds.shape[0] < 2 ** 15:
+        ctab = np.searchsorted(np.sort(thresholds), np.arange(1 << P, dtype=np.int64), side="right").astype(np.int16)
+    else:
+        ctab = np.zeros(0, np.int16)
+    return etab, int(dz), ctab
+
+
+class AttentionEngine(EngineOp):
+    """Spec 4.4 on the engine (the routes are described in this module's docstring): the score and
+    decode products in BLAS where ``attn_route`` proves them exact, the integer softmax, encoding
+    and decode in ``intsim.kernels.attention``; else the whole op in int64."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        name = self.name
+        self.heads = self.a("heads")
+        self.zp_q, self.zp_k, self.zp_v = self.a("zp_q"), self.a("zp_k"), self.a("zp_v")
+        self.score_mult, self.score_shift = self.a("score_mult"), self.a("score_shift")
+        self.exp_frac_bits, self.prob_bits = self.a("exp_frac_bits"), self.a("prob_bits")
+        self.recip_frac = self.a("recip_frac")
+        self.mult, self.shift_ = self.a("mult"), self.a("shift")
+        self.zp, self.lo, self.hi = self.a("zp"), self.a("lo"), self.a("hi")
+        self.exp_table = i64(self.t("exp_table"))
+        self.thresholds = i64(self.t("thresholds"))
+        self.decode = i64(self.t("decode"))
+        if self.exp_table.shape[0] != 1 << self.exp_frac_bits:
+            raise ProgramError(f"op '{name}': exp_table has {self.exp_table.shape[0]} entries, "
+                               f"expected 2^exp_frac_bits = {1 << self.exp_frac_bits}")
+        if self.decode.shape[0] != self.thresholds.shape[0] + 1:
+            raise ProgramError(f"op '{name}': decode must have one entry more than thresholds")
+        if not 0 <= self.prob_bits + self.recip_frac <= MAX_SHIFT - 1:
+            raise ProgramError(f"op '{name}': prob_bits + recip_frac outside 0..{MAX_SHIFT - 1}")
+        if self.exp_table.size == 0 or self.exp_table[0] < 1:
+            raise ProgramError(f"op '{name}': exp_table[0] must be positive (it is 2^exp_bits)")
+        check_shifts(name, np.array([self.score_shift, self.shift_, self.recip_frac]))
+        self.sorted_thresholds = int(bool(np.all(np.diff(self.thresholds) >= 0)))
+        o_off, o_corr = rq_offsets(np.array([self.shift_]))
+        self.out_off, self.out_corr = int(o_off[0]), int(o_corr[0])
+        self.out_narrow = narrow_ok(self.acc_lo, self.acc_hi, np.array([self.mult]), np.array([self.shift_]))
+        self.etab, self.dz, self.ctab = softmax_tables(
+            self.exp_table, self.score_mult, self.score_shift, self.exp_frac_bits, self.thresholds,
+            self.prob_bits, self.acc_hi - self.acc_lo)
+        self._routes: dict[tuple, AttnRoute] = {}
+
+    # ---- attention routes ------------------------------------------------------------------------
+    def attn_route(self, T: int, qr: tuple[int, int], kr: tuple[int, int], vr: tuple[int, int], d: int) -> AttnRoute:
+        key = (T, qr, kr, vr, d)
+        r = self._routes.get(key)
+        if r is None:
+            qmax = max(abs(qr[0] - self.zp_q), abs(qr[1] - self.zp_q))
+            kmax = max(abs(kr[0] - self.zp_k), abs(kr[1] - self.zp_k))
+            vmax = max(abs(vr[0] - self.zp_v), abs(vr[1] - self.zp_v))
+            rb = decode_row_bound(self.decode, self.thresholds, T, self.prob_bits, self.recip_frac,
+                                   int(self.exp_table.max()) if int(self.exp_table.min()) >= 0 else -1) \
+                if USE_ROW_BOUND else None
+            r = attn_route(self.mode, d, T, qmax, kmax, vmax, self.decode, self.name, rb)
+            self._routes[key] = r
+        return r
+
+    def attention_core(self, qh: np.ndarray, kh: np.ndarray, vh: np.ndarray, route: AttnRoute,
+                       out: np.ndarray, pool: Any = None) -> dict[str, int]:
+        """The float route of spec 4.4 on centered head-major operands: ``qh`` (B, H, T, d),
+        ``kh`` (B, H, T, d), ``vh`` (B, H, T, d), float32 (exact by the route's proof);
+        writes ``out`` (B, T, H * d) (uint8 or float32 codes, or int64)."""
+        torch = torch_module()
+        B, H, T, d = qh.shape
+        G = B * H
+        get = pool.get if pool is not None else (lambda shape, dt: np.empty(shape, dt))
+        npart = route.parts.shape[1]
+        if route.score_dtype == np.float32:
+            S = get((G, T, T), np.float32)
+            torch.matmul(torch.from_numpy(qh.reshape(G, T, d)), torch.from_numpy(kh.reshape(G, T, d)).transpose(1, 2),
+                         out=torch.from_numpy(S))
+        else:
+            S = torch.matmul(torch.from_numpy(qh).double(),
+                             torch.from_numpy(kh).double().transpose(2, 3)).numpy().reshape(G, T, T)
+        P = get((G, npart * T, T), route.pv_dtype)
+        na1, npr = attn_softmax(S, self.acc_lo, self.acc_hi, self.score_mult, self.score_shift,
+                                  self.exp_frac_bits, self.exp_table, self.etab, self.dz, self.prob_bits,
+                                  self.recip_frac, self.thresholds, self.sorted_thresholds, self.ctab,
+                                  route.parts, P, SOFTMAX_ROWS_PER_TASK)
+        if pool is not None and S.dtype == np.float32:
+            pool.put(S)
+        V = torch.from_numpy(vh.reshape(G, T, d))
+        if route.pv_dtype == np.float64:
+            V = V.double()
+        O = get((G, npart * T, d), route.pv_dtype)
+        torch.matmul(torch.from_numpy(P), V, out=torch.from_numpy(O))
+        if pool is not None:
+            pool.put(P)
+        na2, no = attn_output(O, route.part_bits, self.mult, self.shift_, self.out_off, self.out_corr,
+                                self.out_narrow, self.zp, self.lo, self.hi, self.acc_lo, self.acc_hi, H, out,
+                                SOFTMAX_ROWS_PER_TASK)
+        if pool is not None:
+            pool.put(O)
+        return {"acc": int(na1 + na2), "out": int(no), "prob": int(npr)}
+
+    def forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        q, k, v = (as_int_input(z, self.name) for z in (q, k, v))
+        if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape or q.shape[2] % self.heads:
+            raise ValueError(f"op '{self.name}': q, k, v must share a shape (B, T, H*d), got {q.shape}, {k.shape}, {v.shape}")
+        B, T, D = q.shape
+        H = self.heads
+        d = D // H
+        rs = [r if r is not None else data_range(z) for r, z in zip(self.ranges, (q, k, v))]
+        route = self.attn_route(T, rs[0], rs[1], rs[2], d) if B * T * D else AttnRoute("int")
+        self.last_route = route.route
+        if route.route == "int":
+            return self.attention_int(q, k, v)
+
+        def heads(z: np.ndarray, zp: int) -> np.ndarray:
+            return (z - zp).reshape(B, T, H, d).transpose(0, 2, 1, 3)
+
+        qh = np.ascontiguousarray(heads(q, self.zp_q), dtype=np.float32)
+        kh = np.ascontiguousarray(heads(k, self.zp_k), dtype=np.float32)
+        vh = np.ascontiguousarray(heads(v, self.zp_v), dtype=np.float32)
+        y = np.empty((B, T, D), np.int64)
+        c = self.attention_core(qh, kh, vh, route, y)
+        return y, c
+
+    def attention_int(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        """Spec 4.4 entirely in int64 on the codes q, k, v (B, T, D) int64."""
+        y, na, no, npr = attention_i64(
+            q, k, v, self.heads, self.zp_q, self.zp_k, self.zp_v, self.score_mult, self.score_shift,
+            self.exp_frac_bits, self.prob_bits, self.recip_frac, self.mult, self.shift_, self.zp,
+            self.lo, self.hi, self.acc_lo, self.acc_hi, self.exp_table, self.thresholds, self.decode,
+            self.sorted_thresholds)
+        return y, {"acc": int(na), "out": int(no), "prob": int(npr)}
+
+
+ENGINE = AttentionEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

@@ -6,6 +6,15 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.epilogues import gelu_lookup
+from intsim.program.program import Program, ProgramError
+
+from .base import EngineOp, as_int_input, i64, int_attr, zero_counts
+
 NAME = "gelu"
 SPEC = "4.5"
 INPUTS = 1
@@ -27,7 +36,29 @@ FLOAT = {}
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class GeluEngine(EngineOp):
+    """Spec 4.5 on the engine: one table lookup per element (``epilogues.gelu_lookup``)."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        self.table = i64(self.t("table"))
+        g = int_attr(program.settings["gelu_bits"], "settings.gelu_bits")
+        if self.table.shape[0] != 1 << g:
+            raise ProgramError(f"op '{self.name}': gelu table has {self.table.shape[0]} entries, expected 2^{g}")
+        self.offset = 1 << (g - 1)
+        self.lo, self.hi = (int(self.table.min()), int(self.table.max())) if self.table.size else (0, 0)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        x = as_int_input(x, self.name)
+        y, bad = gelu_lookup(x.reshape(-1), self.table, self.offset)
+        if bad:
+            raise ValueError(f"op '{self.name}': {int(bad)} GELU inputs outside the table range "
+                             f"[{-self.offset}, {self.offset - 1}]")
+        return y.reshape(x.shape), zero_counts()
+
+
+ENGINE = GeluEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

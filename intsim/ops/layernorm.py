@@ -6,6 +6,18 @@ its cost figures.
 """
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.epilogues import layernorm_rows
+from intsim.kernels.gemm import absmax, data_range
+from intsim.kernels.numeric import MAX_SHIFT, rq_offsets
+from intsim.program.program import Program, ProgramError
+
+from .base import EPI_ROWS_PER_TASK, EngineOp, as_int_input, check_shifts, i64
+
 NAME = "layernorm"
 SPEC = "4.3"
 INPUTS = 1
@@ -31,7 +43,75 @@ FLOAT = {
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class LayerNormEngine(EngineOp):
+    """Spec 4.3 on the engine: one parallel kernel over the rows (``epilogues.layernorm_rows``), the
+    offset form of both rounding shifts where ``ln_params`` proves it exact."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        name = self.name
+        self.gmul = i64(self.t("gmul"))
+        self.gadd = i64(self.t("gadd"))
+        self.tokens = self.attrs["tokens"]
+        if self.tokens not in ("all", "first"):
+            raise ProgramError(f"op '{name}': layernorm tokens must be 'all' or 'first', got {self.tokens!r}")
+        self.recip_bits, self.norm_frac = self.a("recip_bits"), self.a("norm_frac")
+        self.ln_shift, self.zp, self.lo, self.hi = self.a("shift"), self.a("zp"), self.a("lo"), self.a("hi")
+        if not 0 <= self.recip_bits <= MAX_SHIFT - 1:
+            raise ProgramError(f"op '{name}': recip_bits={self.recip_bits} outside 0..{MAX_SHIFT - 1}")
+        check_shifts(name, np.array([self.ln_shift, self.recip_bits - self.norm_frac]))
+        self._lnp: dict[tuple[int, int], np.ndarray] = {}
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        x = as_int_input(x, self.name)
+        if x.ndim != 3 or x.shape[-1] != self.gmul.shape[0]:
+            raise ValueError(f"op '{self.name}': input (B, T, {self.gmul.shape[0]}) expected, got {x.shape}")
+        B, T, D = x.shape
+        rows = np.ascontiguousarray(x[:, 0, :]) if self.tokens == "first" else x.reshape(B * T, D)
+        y = np.empty(rows.shape, np.int64)
+        no = self.layernorm_into(rows, y, self.ranges[0])
+        return y.reshape(B, -1, D), {"acc": 0, "out": int(no), "prob": 0}
+
+    def ln_params(self, xr: tuple[int, int]) -> np.ndarray:
+        """The scalar table ``lnp`` of ``epilogues._ln_row`` for inputs within ``xr``.
+
+        The offset form of both rounding shifts (``L_FAST``) needs ``|c * inv| <= 2^62`` and
+        ``|n * gmul + gadd| <= 2^62``. With ``c_i = D x_i - S1``: ``sum_i c_i^2 = D * V`` so
+        ``|c| <= sqrt(D V)``; ``sd = floor(sqrt(V)) >= sqrt(V) / 2`` (V >= 1) and
+        ``inv <= 2^K / sd + 1/2``, hence ``|c * inv| <= 2 sqrt(D) 2^K + |c| / 2`` with
+        ``|c| <= 2 D max|x|`` (0 when sd = 0); ``|n| <= |c * inv| / 2^(K-F) + 1``.
+        """
+        key = (int(xr[0]), int(xr[1]))
+        cache = self._lnp
+        if key in cache:
+            return cache[key]
+        D = int(self.gmul.shape[0])
+        Kb, F, Sh = self.recip_bits, self.norm_frac, self.ln_shift
+        fast = narrow = 0
+        off1 = corr1 = off2 = corr2 = 0
+        if 0 <= Kb - F <= MAX_SHIFT and 0 <= Sh <= MAX_SHIFT and D > 0:
+            xmax = absmax(key)
+            b1 = 2 * (math.isqrt(D) + 1) * (1 << Kb) + 2 * D * xmax
+            if b1 <= 2 ** MAX_SHIFT:
+                bnv = (b1 >> (Kb - F)) + 1
+                gm = int(np.abs(self.gmul).max())
+                b2 = bnv * gm + int(np.abs(self.gadd).max())
+                if b2 <= 2 ** MAX_SHIFT:
+                    fast = 1
+                    narrow = int(bnv < 2 ** 31 and gm < 2 ** 31)
+                    (off1,), (corr1,) = rq_offsets(np.array([Kb - F]))
+                    (off2,), (corr2,) = rq_offsets(np.array([Sh]))
+        lnp = np.array([Kb, F, Sh, self.zp, self.lo, self.hi, fast, off1, corr1, off2, corr2, narrow], np.int64)
+        cache[key] = lnp
+        return lnp
+
+    def layernorm_into(self, rows: np.ndarray, out: np.ndarray, xr: tuple[int, int] | None = None) -> int:
+        lnp = self.ln_params(xr if xr is not None else data_range(rows))
+        return layernorm_rows(rows, self.gmul, self.gadd, lnp, out, EPI_ROWS_PER_TASK)
+
+
+ENGINE = LayerNormEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

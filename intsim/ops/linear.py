@@ -6,6 +6,17 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.epilogues import linear_epilogue
+from intsim.kernels.gemm import Gemm
+from intsim.kernels.numeric import narrow_ok, rq_offsets
+from intsim.program.program import Program
+
+from .base import EPI_ROWS_PER_TASK, EngineOp, as_int_input, check_shifts, i64
+
 NAME = "linear"
 SPEC = "4.1"
 INPUTS = 1
@@ -34,7 +45,54 @@ FLOAT = {
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class LinearEngine(EngineOp):
+    """Spec 4.1 on the engine: ``S = x @ w.T`` by a proven GEMM route (``intsim.kernels.gemm``),
+    then bias, ``accsat``, ``rq``, ``+ zp`` and the clamp in one epilogue kernel.
+
+    ``cols`` (7, N) int64 holds the per-column constants of the epilogue (rows ``C_*`` of
+    ``intsim.kernels.epilogues``); ``add`` (1, N) the value added after requantization (``zp``);
+    ``narrow`` (0/1) whether the offset form of ``rq`` is proven exact.
+    """
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        self.gemm = Gemm(self.t("w"), gemm, self.ranges[0], f32_max_k, name=f"op '{self.name}'")
+        self.bias = i64(self.t("bias"))
+        self.mult = i64(self.t("mult"))
+        self.shift = i64(self.t("shift"))
+        check_shifts(self.name, self.shift)
+        self.lo, self.hi = self.a("lo"), self.a("hi")
+        N = self.bias.shape[0]
+        lo_n = np.full(N, self.lo, np.int64)
+        hi_n = np.full(N, self.hi, np.int64)
+        off, corr = rq_offsets(self.shift)
+        self.cols = np.ascontiguousarray(np.stack([self.bias, self.mult, self.shift, off, corr, lo_n, hi_n]))
+        self.narrow = narrow_ok(self.acc_lo, self.acc_hi, self.mult, self.shift)
+        self.add = self.epilogue_add()
+
+    def epilogue_add(self) -> np.ndarray:
+        """(rows, N) int64 added after requantization: the output zero point."""
+        return i64(self.t("zp")).reshape(1, -1)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.uint8):       # codes stored for the GEMM pass as they are
+            x = as_int_input(x, self.name)
+        Kdim = self.gemm.K
+        if x.shape[-1] != Kdim:
+            raise ValueError(f"op '{self.name}': input has {x.shape[-1]} channels, expected {Kdim}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, Kdim)
+        M = x2.shape[0]
+        S = self.gemm(x2)
+        y = np.empty((1, M, S.shape[2]), np.int64)
+        na, no = linear_epilogue(S, self.cols, self.add, self.acc_lo, self.acc_hi, self.narrow, max(M, 1), 0, y,
+                                 EPI_ROWS_PER_TASK)
+        return y.reshape(*lead, -1), {"acc": int(na), "out": int(no), "prob": 0}
+
+
+ENGINE = LinearEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

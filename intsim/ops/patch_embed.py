@@ -6,6 +6,15 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.epilogues import linear_epilogue
+
+from .base import EPI_ROWS_PER_TASK, i64
+from .linear import LinearEngine
+
 NAME = "patch_embed"
 SPEC = "4.2"
 INPUTS = 1
@@ -35,7 +44,54 @@ FLOAT = {
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class PatchEmbedEngine(LinearEngine):
+    """Spec 4.2 on the engine: the patch vectors of the image through the linear GEMM and epilogue,
+    the position embedding added after requantization, the class token row clamped."""
+
+    def epilogue_add(self) -> np.ndarray:
+        self.patch = self.a("patch")
+        pos = i64(self.t("pos"))
+        self.pos_cls = pos[0].copy()
+        return np.ascontiguousarray(pos[1:])
+
+    def patchify(self, img: np.ndarray, dtype: Any) -> tuple[np.ndarray, int]:
+        """Patch vectors (B * P, C * p * p) in ``dtype`` and P (spec 4.2)."""
+        if img.ndim != 4:
+            raise ValueError(f"op '{self.name}': image batch (B, C, H, W) expected, got shape {img.shape}")
+        B, C, H, W = img.shape
+        p = self.patch
+        if H % p or W % p:
+            raise ValueError(f"op '{self.name}': image {H}x{W} is not a multiple of the patch size {p}")
+        gh, gw = H // p, W // p
+        P = gh * gw
+        if P != self.add.shape[0] or C * p * p != self.gemm.K:
+            raise ValueError(f"op '{self.name}': image shape {img.shape} does not match the program")
+        # x[b, 1 + i*gw + j, (ch*p + ky)*p + kx] = img[b, ch, i*p + ky, j*p + kx]
+        x = np.ascontiguousarray(img.reshape(B, C, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5), dtype=dtype)
+        return x.reshape(B * P, C * p * p), P
+
+    def patch_embed_into(self, x: np.ndarray, B: int, P: int, y: np.ndarray) -> dict[str, int]:
+        """GEMM + epilogue of the patch vectors ``x`` into ``y`` (B, P + 1, N) (int64), class token included."""
+        S = self.gemm(x)
+        na, no = linear_epilogue(S, self.cols, self.add, self.acc_lo, self.acc_hi, self.narrow, P, 1, y,
+                                 EPI_ROWS_PER_TASK)
+        cls = np.clip(self.pos_cls, self.lo, self.hi)
+        y[:, 0, :] = cls
+        ncls = int(np.count_nonzero(cls != self.pos_cls)) * B
+        return {"acc": int(na), "out": int(no) + ncls, "prob": 0}
+
+    def forward(self, img: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        img = np.asarray(img)
+        if img.dtype.kind not in "iu":
+            raise TypeError(f"op '{self.name}': integer input expected, got dtype {img.dtype}")
+        x, P = self.patchify(img, self.gemm.input_dtype())
+        B = img.shape[0]
+        y = np.empty((B, P + 1, self.bias.shape[0]), np.int64)
+        c = self.patch_embed_into(x, B, P, y)
+        return y, c
+
+
+ENGINE = PatchEmbedEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

@@ -6,6 +6,14 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.program.program import Program, ProgramError
+
+from .base import EngineOp, i64, ints, value_range, zero_counts
+
 NAME = "patch_merge"
 SPEC = "9.2"
 INPUTS = 1
@@ -27,7 +35,27 @@ FLOAT = {}
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class PatchMergeEngine(EngineOp):
+    """Spec 9.2 on the engine: the 2x2 neighbours of each merged token concatenated (a gather through ``src``)."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        self.src = i64(program.t(op, "src"))
+        if self.src.ndim != 2 or self.src.shape[1] != 4:
+            raise ProgramError(f"op '{self.name}': src must be (T/4, 4)")
+        r = self.ranges[0] if self.ranges and self.ranges[0] is not None else value_range(program, op["inputs"][0])
+        self.lo, self.hi = int(r[0]), int(r[1])
+
+    def forward(self, x):
+        (x,) = ints(x)
+        B, T, C = x.shape
+        if self.src.shape[0] * 4 != T or (self.src.size and (self.src.min() < 0 or self.src.max() >= T)):
+            raise ValueError(f"op '{self.name}': {T} input tokens do not match the merge table")
+        return np.ascontiguousarray(x[:, self.src]).reshape(B, T // 4, 4 * C), zero_counts()
+
+
+ENGINE = PatchMergeEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

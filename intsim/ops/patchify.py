@@ -6,6 +6,14 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.program.program import Program, ProgramError
+
+from .base import EngineOp, int_attr, ints, zero_counts
+
 NAME = "patchify"
 SPEC = "9.1"
 INPUTS = 1
@@ -25,7 +33,30 @@ FLOAT = {}
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class PatchifyEngine(EngineOp):
+    """Spec 9.1 on the engine: the image as patch vectors (layout only; values 0..255)."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        self.patch = int_attr(op["attrs"]["patch"], f"op '{self.name}' attribute 'patch'")
+        if self.patch < 1:
+            raise ProgramError(f"op '{self.name}': patch must be >= 1")
+        self.lo, self.hi = 0, 255
+
+    def forward(self, img):
+        (img,) = ints(img)
+        if img.ndim != 4:
+            raise ValueError(f"op '{self.name}': image batch (B, C, H, W) expected, got {img.shape}")
+        B, C, H, W = img.shape
+        p = self.patch
+        if H % p or W % p:
+            raise ValueError(f"op '{self.name}': image {H}x{W} is not a multiple of the patch size {p}")
+        x = img.reshape(B, C, H // p, p, W // p, p).transpose(0, 2, 4, 1, 3, 5)
+        return np.ascontiguousarray(x).reshape(B, (H // p) * (W // p), C * p * p), zero_counts()
+
+
+ENGINE = PatchifyEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

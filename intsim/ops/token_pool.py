@@ -6,6 +6,16 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.numeric import MAX_SHIFT
+from intsim.kernels.window import token_pool_kernel
+from intsim.program.program import Program, ProgramError
+
+from .base import EngineOp, int_attr, ints
+
 NAME = "token_pool"
 SPEC = "9.4"
 INPUTS = 1
@@ -25,7 +35,29 @@ FLOAT = {}
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class TokenPoolEngine(EngineOp):
+    """Spec 9.4 on the engine: the token sum, requantized (``intsim.kernels.window.token_pool_kernel``)."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        name = self.name
+        at = op["attrs"]
+        a = lambda n: int_attr(at[n], f"op '{name}' attribute '{n}'")  # noqa: E731
+        self.mult, self.shift, self.zp, self.lo, self.hi = a("mult"), a("shift"), a("zp"), a("lo"), a("hi")
+        if not 0 <= self.shift <= MAX_SHIFT:
+            raise ProgramError(f"op '{name}': shift outside 0..{MAX_SHIFT}")
+
+    def forward(self, x):
+        (x,) = ints(x)
+        if x.ndim != 3:
+            raise ValueError(f"op '{self.name}': input (B, T, C) expected, got {x.shape}")
+        y = np.empty((x.shape[0], 1, x.shape[2]), np.int64)
+        na, no = token_pool_kernel(x, self.mult, self.shift, self.zp, self.lo, self.hi, self.acc_lo, self.acc_hi, y)
+        return y, {"acc": int(na), "out": int(no), "prob": 0}
+
+
+ENGINE = TokenPoolEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------

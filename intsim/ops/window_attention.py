@@ -6,6 +6,16 @@ its cost figures.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from intsim.kernels.numeric import MAX_SHIFT
+from intsim.kernels.window import window_attention_kernel
+from intsim.program.program import Program, ProgramError
+
+from .base import EngineOp, i64, int_attr, ints
+
 NAME = "window_attention"
 SPEC = "9.3"
 INPUTS = 3
@@ -35,7 +45,81 @@ FLOAT = {
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------
-# (engine)
+class WindowAttentionEngine(EngineOp):
+    """Spec 9.3 on the engine: one Numba kernel (``intsim.kernels.window``) per batch."""
+
+    def __init__(self, program: Program, op: dict[str, Any], gemm: str = "auto",
+                 ranges: list[tuple[int, int] | None] | None = None, f32_max_k: int | None = None):
+        super().__init__(program, op, gemm, ranges, f32_max_k)
+        name = self.name
+        at = op["attrs"]
+        a = lambda n: int_attr(at[n], f"op '{name}' attribute '{n}'")  # noqa: E731
+        self.heads, self.frac = a("heads"), a("score_frac")
+        self.zp_q, self.zp_k, self.zp_v = a("zp_q"), a("zp_k"), a("zp_v")
+        self.score_mult, self.score_shift = a("score_mult"), a("score_shift")
+        self.E, self.P, self.G = a("exp_frac_bits"), a("prob_bits"), a("recip_frac")
+        self.mult, self.shift = a("mult"), a("shift")
+        self.zp, self.lo, self.hi = a("zp"), a("lo"), a("hi")
+        t = lambda n: i64(program.t(op, n))  # noqa: E731
+        self.exp_table, self.thresholds, self.decode = t("exp_table"), t("thresholds"), t("decode")
+        self.tokens, self.bias_table, self.rel_index = t("tokens"), t("bias_table"), t("rel_index")
+        self.mask = np.ascontiguousarray(program.t(op, "mask"), dtype=np.int8)
+        nW, n = self.tokens.shape
+        if self.exp_table.shape[0] != 1 << self.E or self.exp_table[0] < 1:
+            raise ProgramError(f"op '{name}': exp_table must have 2^exp_frac_bits entries, the first positive")
+        if self.decode.shape[0] != self.thresholds.shape[0] + 1:
+            raise ProgramError(f"op '{name}': decode must have one entry more than thresholds")
+        if not 0 <= self.P + self.G <= MAX_SHIFT - 1 or not 0 <= self.frac <= 30:
+            raise ProgramError(f"op '{name}': prob_bits + recip_frac or score_frac out of range")
+        for s in (self.score_shift, self.shift, self.G):
+            if not 0 <= s <= MAX_SHIFT:
+                raise ProgramError(f"op '{name}': shift {s} outside 0..{MAX_SHIFT}")
+        if self.rel_index.shape != (n, n) or self.mask.shape != (nW, n, n) or self.bias_table.shape[0] != self.heads:
+            raise ProgramError(f"op '{name}': window tables of inconsistent shapes")
+        if self.rel_index.size and (self.rel_index.min() < 0 or self.rel_index.max() >= self.bias_table.shape[1]):
+            raise ProgramError(f"op '{name}': rel_index outside the bias table")
+        if not np.array_equal(np.sort(self.tokens.ravel()), np.arange(nW * n)):
+            raise ProgramError(f"op '{name}': the window token table is not a permutation of the tokens")
+        if n and np.any(np.diagonal(self.mask, axis1=1, axis2=2) != 0):
+            raise ProgramError(f"op '{name}': a query is masked from itself (empty softmax row)")
+        self.sorted_thr = int(bool(np.all(np.diff(self.thresholds) >= 0)))
+        self._nop = np.zeros((1, 1, 1, 1, 1), np.int64)
+
+    def _run(self, q, k, v, want_p: bool):
+        q, k, v = ints(q, k, v)
+        if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape or q.shape[2] % self.heads:
+            raise ValueError(f"op '{self.name}': q, k, v must share a shape (B, T, H*d), got {q.shape}, {k.shape}, "
+                             f"{v.shape}")
+        B, T, D = q.shape
+        nW, n = self.tokens.shape
+        if T != nW * n:
+            raise ValueError(f"op '{self.name}': {T} tokens, the window table covers {nW * n}")
+        y = np.empty((B, T, D), np.int64)
+        probs = np.zeros((B, nW, self.heads, n, n), np.int64) if want_p else self._nop
+        na, no, npr = window_attention_kernel(
+            q, k, v, self.heads, self.tokens, self.bias_table, self.rel_index, self.mask, self.frac,
+            self.zp_q, self.zp_k, self.zp_v, self.score_mult, self.score_shift, self.E, self.exp_table, self.P,
+            self.G, self.thresholds, self.sorted_thr, self.decode, self.mult, self.shift, self.zp, self.lo, self.hi,
+            self.acc_lo, self.acc_hi, y, int(want_p), probs)
+        return y, probs, {"acc": int(na), "out": int(no), "prob": int(npr)}
+
+    def forward(self, q, k, v):
+        y, _, c = self._run(q, k, v, False)
+        return y, c
+
+    def probabilities(self, q, k, v) -> np.ndarray:
+        """The integer probabilities p (B, nW, H, n, n) (P fractional bits) the engine computes."""
+        return self._run(q, k, v, True)[1]
+
+
+ENGINE = WindowAttentionEngine
+
+
+def window_probabilities(program: Program, op: dict[str, Any] | str, q, k, v) -> np.ndarray:
+    """Integer probabilities (B, nW, H, n, n) of a ``window_attention`` op, computed by the engine kernel."""
+    if isinstance(op, str):
+        op = program.op(op)
+    return WindowAttentionEngine(program, op).probabilities(q, k, v)
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
