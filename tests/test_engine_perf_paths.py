@@ -26,7 +26,7 @@ from intsim.engine import Engine, compile_stats, run_op
 from intsim.engine import build_op
 from intsim.kernels import gemm as G
 from intsim.kernels import numeric as K
-from intsim.ops import attention as A
+from intsim.ops import attention as attn_op
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def _gemm_kinds(eng: Engine) -> set[str]:
     return kinds
 
 
-def _attn_routes(eng: Engine) -> list[A.AttnRoute]:
+def _attn_routes(eng: Engine) -> list[attn_op.AttnRoute]:
     return [r for o in eng.ops if o.type == "attention" for r in o._routes.values()]
 
 
@@ -155,7 +155,7 @@ def test_attention_digit_split_and_float64(monkeypatch):
     eng = Engine(prog)
     _same(eng.run(images), ref)
     assert all(r.route == "fast" and r.parts.shape[1] == 1 for r in _attn_routes(eng))
-    monkeypatch.setattr(A, "USE_ROW_BOUND", False)
+    monkeypatch.setattr(attn_op, "USE_ROW_BOUND", False)
     eng = Engine(prog)
     _same(eng.run(images), ref)
     routes = _attn_routes(eng)
@@ -193,7 +193,7 @@ def test_decode_row_bound_holds():
         thr, dec, _ = softmax_quant_tables(sq, ab, P, L)
         T = int(rng.integers(1, 300))
         tab = exp_table(E, X)
-        bound = A.decode_row_bound(dec, thr, T, P, G, int(tab.max()))
+        bound = attn_op.decode_row_bound(dec, thr, T, P, G, int(tab.max()))
         score_mult, score_shift = int(rng.integers(2 ** 30, 2 ** 31)), int(rng.integers(20, 40))
         rows = [np.zeros((1, T), np.int64),                                   # all equal
                 rng.integers(-2 ** 12, 2 ** 12, (4, T)),
@@ -212,7 +212,7 @@ def test_softmax_tables_are_exact():
         tab = exp_table(E, int(rng.integers(8, 20)))
         sm, ss = int(rng.integers(0, 2 ** 31)), int(rng.integers(0, 45))
         thr = np.sort(rng.integers(0, 2 ** 12, size=int(rng.integers(1, 20))))
-        etab, dz, ctab = A.softmax_tables(tab, sm, ss, E, thr, 12, 2 ** 32 - 1)
+        etab, dz, ctab = attn_op.softmax_tables(tab, sm, ss, E, thr, 12, 2 ** 32 - 1)
         diffs = np.concatenate([np.arange(min(len(etab) + 5, 3000)), rng.integers(0, 2 ** 32, 200),
                                 [dz, dz + 1, max(dz - 1, 0)]])
         for diff in diffs.tolist():
@@ -230,8 +230,8 @@ def test_softmax_tables_are_exact():
 
 def test_route_bounds_are_documented_and_asserted():
     assert G.F32_EXACT == 2 ** 24 and G.F64_EXACT == 2 ** 53 and G.I16_MAX == 2 ** 15 - 1
-    for name in ("_Gemm", "_decode_row_bound", "_softmax_tables", "_rq_offsets", "_attn_route"):
-        assert getattr(R, name).__doc__
+    for fn in (G.Gemm, attn_op.decode_row_bound, attn_op.softmax_tables, K.rq_offsets, attn_op.attn_route):
+        assert fn.__doc__
     # forced routes that are not provably exact are refused at construction
     prog = make_program(12, embed_dim=12, heads=2, depth=1, img=8, patch=4, wbits=8, abits=8)
     with pytest.raises(ValueError, match="int8"):
@@ -357,4 +357,4 @@ def test_second_intsim_run_compiles_nothing(tmp_path):
 
 def test_compile_stats_shape():
     st = compile_stats()
-    assert set(st) == {"hits", "misses", "compiled"}
+    assert set(st) == {"hits", "misses", "compiled", "loaded"}
