@@ -65,4 +65,10 @@ ENGINE = AddEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
-# (cost)
+def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
+    """No MACs; the requantized skip needs ``residual_bits + mult_bits``."""
+    c["datapath_bits"] = prog.settings["residual_bits"] + prog.settings["mult_bits"]
+
+
+def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
+    return 0

@@ -361,4 +361,30 @@ ENGINE = AttentionEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
-# (cost)
+def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
+    """MACs / BOPs of the score and decode products and the softmax tables (docs/cost-model.md);
+    fills ``c`` in place. Shared by ``window_attention`` (its pairs come from the window table)."""
+    s, vals, at = prog.settings, prog.values, op["attrs"]
+    t, d_model = vals[op["inputs"][0]]["shape"]
+    heads = at["heads"]
+    d = d_model // heads
+    pairs = t * t
+    if op["type"] == "window_attention":
+        n_win, n_tok = prog.t(op, "tokens").shape      # windowed: nW windows of n x n
+        pairs = n_win * n_tok * n_tok
+    ab = s["abits"]
+    L, E, X, P = at["decode_bits"], at["exp_frac_bits"], at["exp_bits"], at["prob_bits"]
+    n_codes = len(prog.t(op, "thresholds"))
+    score_macs = heads * pairs * d
+    pv_macs = heads * pairs * d
+    c["macs"][f"{ab}x{ab}"] = score_macs
+    c["macs"][f"{L + 1}x{ab}"] = pv_macs
+    c["bops"] = score_macs * ab * ab + pv_macs * (L + 1) * ab
+    c["table_bits"] = (2 ** E) * (X + 1) + n_codes * P + (n_codes + 1) * (L + 1)
+    c["datapath_bits"] = 64 if P + at["recip_frac"] > 31 else 32
+
+
+def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
+    """One head's T x T probability matrix at ``prob_bits``."""
+    t = prog.values[op["inputs"][0]]["shape"][0]
+    return t * t * op["attrs"]["prob_bits"]

@@ -52,6 +52,8 @@ def schema_of(module) -> dict:
 
 #: Saturation counters of every op: accumulator, output clamp, softmax probability clamp.
 COUNT_KEYS = ("acc", "out", "prob")
+#: Bits of a stored shift in the cost model (docs/cost-model.md).
+SHIFT_BITS = 6
 #: Rows of one epilogue task (parallel work item) of the Numba kernels.
 EPI_ROWS_PER_TASK = 8
 

@@ -62,4 +62,11 @@ ENGINE = GeluEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
-# (cost)
+def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
+    """The table over every input code; the datapath is the input code width."""
+    c["table_bits"] = len(prog.t(op, "table")) * prog.values[op["output"]]["bits"]
+    c["datapath_bits"] = prog.values[op["inputs"][0]]["bits"]
+
+
+def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
+    return 0

@@ -115,4 +115,12 @@ ENGINE = LayerNormEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
-# (cost)
+def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
+    """The fused per-channel constants (multiplier and 56-bit addend); a 64-bit datapath."""
+    d = prog.values[op["inputs"][0]]["shape"][1]
+    c["table_bits"] = d * (prog.settings["mult_bits"] + 56)
+    c["datapath_bits"] = 64
+
+
+def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
+    return 0

@@ -15,7 +15,7 @@ from intsim.kernels.gemm import Gemm
 from intsim.kernels.numeric import narrow_ok, rq_offsets
 from intsim.program.program import Program
 
-from .base import EPI_ROWS_PER_TASK, EngineOp, as_int_input, check_shifts, i64
+from .base import EPI_ROWS_PER_TASK, SHIFT_BITS, EngineOp, as_int_input, check_shifts, i64
 
 NAME = "linear"
 SPEC = "4.1"
@@ -96,4 +96,22 @@ ENGINE = LinearEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
-# (cost)
+def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
+    """MACs / BOPs of the GEMM and the packed weights with their per-channel constants
+    (docs/cost-model.md); fills ``c`` in place. Shared by ``patch_embed``."""
+    s, vals = prog.settings, prog.values
+    w = prog.t(op, "w")
+    n, k = w.shape
+    tokens = vals[op["output"]]["shape"][0] - (1 if op["type"] == "patch_embed" else 0)
+    xbits = vals[op["inputs"][0]]["bits"]
+    wb = s["wbits"]
+    macs = tokens * n * k
+    c["macs"][f"{xbits}x{wb}"] = macs
+    c["bops"] = macs * xbits * wb
+    c["weight_bits"] = n * k * wb + n * (wb + s["mult_bits"] + SHIFT_BITS + s["acc_bits"])
+    c["datapath_bits"] = s["acc_bits"] + s["mult_bits"]
+
+
+def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
+    """Working storage inside the op beyond its input and output values (bits per image)."""
+    return 0

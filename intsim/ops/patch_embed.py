@@ -12,6 +12,9 @@ import numpy as np
 
 from intsim.kernels.epilogues import linear_epilogue
 
+from intsim.program.program import Program
+
+from . import linear
 from .base import EPI_ROWS_PER_TASK, i64
 from .linear import LinearEngine
 
@@ -95,4 +98,10 @@ ENGINE = PatchEmbedEngine
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
-# (cost)
+def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
+    """The GEMM's figures (as ``linear``) plus the position-embedding table; fills ``c`` in place."""
+    linear.cost(prog, op, c)
+    c["table_bits"] = int(np.prod(prog.t(op, "pos").shape)) * prog.values[op["output"]]["bits"]
+
+
+scratch_bits = linear.scratch_bits

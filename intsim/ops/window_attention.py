@@ -14,6 +14,7 @@ from intsim.kernels.numeric import MAX_SHIFT
 from intsim.kernels.window import window_attention_kernel
 from intsim.program.program import Program, ProgramError
 
+from . import attention
 from .base import EngineOp, i64, int_attr, ints
 
 NAME = "window_attention"
@@ -123,4 +124,14 @@ def window_probabilities(program: Program, op: dict[str, Any] | str, q, k, v) ->
 
 
 # ---- cost figures: MACs, bit operations, storage (called by intsim.studies.cost) -------------
-# (cost)
+def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
+    """As ``attention`` over the windows, plus the relative position bias table at accumulator
+    width and the 1-bit mask; fills ``c`` in place."""
+    attention.cost(prog, op, c)
+    c["table_bits"] += prog.t(op, "bias_table").size * prog.settings["acc_bits"] + prog.t(op, "mask").size
+
+
+def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
+    """One window's n x n probability matrix at ``prob_bits``."""
+    n_tok = prog.t(op, "tokens").shape[1]
+    return n_tok * n_tok * op["attrs"]["prob_bits"]

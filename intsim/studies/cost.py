@@ -21,7 +21,9 @@ from collections import defaultdict
 
 import numpy as np
 
-SHIFT_BITS = 6
+from intsim import ops as registry
+from intsim.ops.base import SHIFT_BITS  # noqa: F401  (part of this module's documented figures)
+
 
 
 def _numel(shape) -> int:
@@ -29,58 +31,10 @@ def _numel(shape) -> int:
 
 
 def op_cost(prog, op) -> dict:
-    """Cost figures of one op (per image)."""
-    s = prog.settings
-    vals = prog.values
-    out = vals[op["output"]]
-    typ = op["type"]
+    """Cost figures of one op (per image), from its op module's ``cost`` (``intsim.ops``)."""
     c: dict = {"op": op["name"], "type": op["type"], "macs": {}, "bops": 0, "weight_bits": 0, "table_bits": 0,
                "datapath_bits": 0}
-    A, B = s["acc_bits"], s["mult_bits"]
-    if typ in ("linear", "patch_embed"):
-        w = prog.t(op, "w")
-        n, k = w.shape
-        tokens = out["shape"][0] - (1 if typ == "patch_embed" else 0)
-        xbits = vals[op["inputs"][0]]["bits"]
-        wb = s["wbits"]
-        macs = tokens * n * k
-        c["macs"][f"{xbits}x{wb}"] = macs
-        c["bops"] = macs * xbits * wb
-        c["weight_bits"] = n * k * wb + n * (wb + B + SHIFT_BITS + A)
-        if typ == "patch_embed":
-            c["table_bits"] = _numel(prog.t(op, "pos").shape) * out["bits"]
-        c["datapath_bits"] = A + B
-    elif typ in ("attention", "window_attention"):
-        q = vals[op["inputs"][0]]
-        t, d_model = q["shape"]
-        heads = op["attrs"]["heads"]
-        d = d_model // heads
-        # plain attention: one T x T score matrix per head; windowed: nW windows of n x n
-        pairs = t * t
-        if typ == "window_attention":
-            n_win, n_tok = prog.t(op, "tokens").shape
-            pairs = n_win * n_tok * n_tok
-        ab = s["abits"]
-        L, E, X, P = op["attrs"]["decode_bits"], op["attrs"]["exp_frac_bits"], op["attrs"]["exp_bits"], op["attrs"]["prob_bits"]
-        n_codes = len(prog.t(op, "thresholds"))
-        score_macs = heads * pairs * d
-        pv_macs = heads * pairs * d
-        c["macs"][f"{ab}x{ab}"] = score_macs
-        c["macs"][f"{L + 1}x{ab}"] = pv_macs
-        c["bops"] = score_macs * ab * ab + pv_macs * (L + 1) * ab
-        c["table_bits"] = (2 ** E) * (X + 1) + n_codes * P + (n_codes + 1) * (L + 1)
-        if typ == "window_attention":   # relative position bias table at accumulator width, 1-bit mask
-            c["table_bits"] += prog.t(op, "bias_table").size * A + prog.t(op, "mask").size
-        c["datapath_bits"] = 64 if P + op["attrs"]["recip_frac"] > 31 else 32
-    elif typ == "layernorm":
-        d = vals[op["inputs"][0]]["shape"][1]
-        c["table_bits"] = d * (B + 56)
-        c["datapath_bits"] = 64
-    elif typ == "gelu":
-        c["table_bits"] = len(prog.t(op, "table")) * out["bits"]
-        c["datapath_bits"] = vals[op["inputs"][0]]["bits"]
-    elif typ == "add":
-        c["datapath_bits"] = s["residual_bits"] + B
+    registry.get(op["type"]).cost(prog, op, c)
     return c
 
 
@@ -98,13 +52,7 @@ def _peak_activation_bits(prog) -> tuple[int, str]:
     for i, op in enumerate(prog.ops):
         ov = vals[op["output"]]
         live[op["output"]] = _numel(ov["shape"]) * ov["bits"]
-        scratch = 0
-        if op["type"] == "attention":
-            t = vals[op["inputs"][0]]["shape"][0]
-            scratch = t * t * op["attrs"]["prob_bits"]
-        elif op["type"] == "window_attention":
-            n_tok = prog.t(op, "tokens").shape[1]
-            scratch = n_tok * n_tok * op["attrs"]["prob_bits"]
+        scratch = registry.get(op["type"]).scratch_bits(prog, op)
         total = sum(live.values()) + scratch
         if total > peak:
             peak, where = total, op["name"]
