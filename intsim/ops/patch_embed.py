@@ -38,6 +38,12 @@ FLOAT = {
 }
 
 
+def shape_dims(op: dict[str, Any], in_shape: list[int]) -> dict[str, int]:
+    """Shape symbols of this op's schema beyond the generic ones: K = C * patch^2."""
+    p = op["attrs"]["patch"]
+    return {"K": in_shape[0] * p * p}
+
+
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
 # (export)
 

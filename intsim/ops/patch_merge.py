@@ -26,6 +26,11 @@ TENSORS = {
 FLOAT = {}
 
 
+def shape_dims(op: dict[str, Any], in_shape: list[int]) -> dict[str, int]:
+    """Shape symbols of this op's schema beyond the generic ones: the four neighbours."""
+    return {"4": 4}
+
+
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
 # (export)
 

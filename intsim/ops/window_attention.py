@@ -37,6 +37,19 @@ FLOAT = {
 }
 
 
+def shape_dims(op: dict[str, Any], in_shape: list[int]) -> dict[str, int]:
+    """Shape symbols of this op's schema beyond the generic ones (window tables); ``ProgramError``
+    when the tokens do not split into windows."""
+    a = op["attrs"]
+    try:
+        ws, heads = int(a["window"]), int(a["heads"])
+    except (TypeError, ValueError):
+        raise ProgramError(f"op '{op['name']}': window and heads must be integers") from None
+    if ws < 1 or heads < 1 or in_shape[0] % (ws * ws):
+        raise ProgramError(f"op '{op['name']}': {in_shape[0]} tokens do not split into windows of {ws}x{ws}")
+    return {"Wn": ws * ws, "Wr": (2 * ws - 1) ** 2, "Wc": in_shape[0] // (ws * ws), "Hh": heads}
+
+
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
 # (export)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from .program import DEFAULT_SETTINGS, FORMAT, META_KEY, VALUE_KINDS, VERSION, Program, ProgramError
 from intsim.ops import OP_SCHEMA
+from intsim.ops import get as op_module
 
 
 def _json_default(o: Any) -> Any:
@@ -95,21 +96,10 @@ def _dims(prog: Program, op: dict[str, Any]) -> dict[str, int]:
     d: dict[str, int] = {"N": out_shape[-1], "K": in_shape[-1], "D": in_shape[-1],
                          "T": out_shape[0], "E": 2 ** s["exp_frac_bits"],
                          "Q": 2 ** s["abits"] - 1, "G": 2 ** s["gelu_bits"]}
-    if op["type"] == "patch_embed":
-        p = op["attrs"]["patch"]
-        d["K"] = in_shape[0] * p * p
     d["Q+1"] = d["Q"] + 1
-    if op["type"] == "patch_merge":
-        d["4"] = 4
-    elif op["type"] == "window_attention":
-        a = op["attrs"]
-        try:
-            ws, heads = int(a["window"]), int(a["heads"])
-        except (TypeError, ValueError):
-            raise ProgramError(f"op '{op['name']}': window and heads must be integers") from None
-        if ws < 1 or heads < 1 or in_shape[0] % (ws * ws):
-            raise ProgramError(f"op '{op['name']}': {in_shape[0]} tokens do not split into windows of {ws}x{ws}")
-        d.update({"Wn": ws * ws, "Wr": (2 * ws - 1) ** 2, "Wc": in_shape[0] // (ws * ws), "Hh": heads})
+    extra = getattr(op_module(op["type"]), "shape_dims", None)      # op-specific symbols (intsim.ops)
+    if extra is not None:
+        d.update(extra(op, in_shape))
     return d
 
 
