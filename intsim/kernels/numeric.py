@@ -23,9 +23,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-#: The largest shift of any rounding shift in a program (spec section 1): ``|n| <= MAX_SHIFT`` keeps
-#: ``2^n`` and every shifted int64 product representable.
-MAX_SHIFT = 62
+from intsim.program.program import MAX_SHIFT
+
 #: The offset form of ``rq`` needs ``|a|, |m| <= 2^NARROW_BITS`` so that ``|a * m| <= 2^MAX_SHIFT``.
 NARROW_BITS = 31
 

@@ -31,6 +31,11 @@ DEFAULT_SETTINGS: dict[str, int] = {
     "logit_bits": 16,
 }
 
+#: The largest shift of any rounding shift in a program (docs/integer-spec.md section 1): every
+#: shift n satisfies ``|n| <= MAX_SHIFT``, which keeps ``2^n`` and every shifted int64 product
+#: representable. Export, golden model and engine all read this one constant.
+MAX_SHIFT = 62
+
 VALUE_KINDS = ("image", "codes", "int")
 
 
