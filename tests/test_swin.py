@@ -3,6 +3,8 @@
 Tiny timm ``SwinTransformer`` models (32 px) with the pathologies of trained models injected
 (outlier post-LayerNorm channels, sharpened q/k, a relative position bias table that matters).
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -290,3 +292,45 @@ def test_cli_calibrate_swin_t_from_checkpoint(tmp_path, capsys):
     prog = load(out)
     assert prog.model["arch"] == "swin" and prog.header["provenance"]["weights"] == "checkpoint"
     assert_bit_exact(prog, images(1, 224, seed=1))
+
+
+_FRESH_SWIN = """
+import json, sys
+from pathlib import Path
+
+import numpy as np
+from intsim.program.format import load
+from intsim.engine import Engine, compile_stats
+prog = load(sys.argv[1])
+shape = tuple(prog.values[prog.header["inputs"][0]]["shape"])
+imgs = np.random.default_rng(0).integers(0, 256, (2, *shape), dtype=np.uint8)
+Engine(prog).run(imgs)
+print(json.dumps(compile_stats()))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_process_compiles_no_swin_kernel(tmp_path):
+    """compile_stats counts the Swin kernels too: a second fresh process running a Swin program
+    compiles nothing and loads the window kernels from the cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from intsim.program.format import save
+    path = tmp_path / "swin.intsim"
+    save(program("A"), path)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+
+    def fresh():
+        r = subprocess.run([sys.executable, "-c", _FRESH_SWIN, str(path)], capture_output=True, text=True,
+                           env=env, cwd=str(repo), timeout=1200)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    fresh()                                   # fills the cache if needed
+    st = fresh()
+    assert st["misses"] == 0, st
+    assert "window_attention_kernel" in st["loaded"] and "token_pool_kernel" in st["loaded"], st
