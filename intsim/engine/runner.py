@@ -14,7 +14,7 @@ Requantization
 ``rq(a, m, n) = rshift(a * m, n)`` runs in the kernels either literally or, where the runner
 proved ``|a| <= 2^31``, ``|m| <= 2^31`` and ``0 <= n <= 62`` (``intsim.kernels.numeric.narrow_ok``), in an offset form
 with one int32 x int32 product and one logical shift (``intsim.kernels.epilogues._requant_row``); LayerNorm uses
-the same form where ``ln_params`` proves its products below 2^62.
+the same form where ``LayerNormEngine.ln_params`` proves its products below ``2^MAX_SHIFT``.
 
 Fusion (``Engine.run`` and ``forward(keep=False)``)
 ----------------------------------------------------
@@ -132,7 +132,7 @@ class _Fused:
                 ln = ops[i + 2] if i + 2 < n else None
                 if (ln is not None and ln.type == "layernorm" and ln.tokens == "all"
                         and ln.inputs[0] == ops[i + 1].output and ops[i + 1].output != out_name
-                        and ln.gmul.shape[0] == op.bias.shape[0]):
+                        and ln.channels == op.bias.shape[0]):
                     self._add_linear_add(op, ops[i + 1], ln, gemm_only)
                     i += 3
                 else:
@@ -227,7 +227,7 @@ class _Fused:
         self.gemms.append(lin.gemm)
         pool = self.pool
         ln_dt = (self._code_dtype(ln, gemm_only) or np.int64) if ln is not None else np.int64
-        lnp = ln.ln_params(ln.ranges[0]) if ln is not None else None
+        ln_args = ln.fused_args(ln.ranges[0]) if ln is not None else None
 
         def step(vals: dict[str, np.ndarray], counts: dict[str, dict[str, int]]) -> None:
             x = vals[lin.inputs[0]]
@@ -247,7 +247,7 @@ class _Fused:
                 na, no, nd, nl = linear_add_ln_epilogue(
                     S, lin.cols, lin.add, lin.acc_lo, lin.acc_hi, lin.narrow, skip.reshape(M, -1), add.mult,
                     add.shift_, add.add_off, add.add_corr, add.lo, add.hi, add.add_narrow, y.reshape(M, -1),
-                    ln.gmul, ln.gadd, lnp, z, EPI_ROWS_PER_TASK)
+                    *ln_args, z, EPI_ROWS_PER_TASK)
                 counts[ln.name] = {"acc": 0, "out": int(nl), "prob": 0}
                 vals[ln.output] = z.reshape(skip.shape)
             counts[lin.name] = {"acc": int(na), "out": int(no), "prob": 0}

@@ -106,6 +106,16 @@ class LayerNormEngine(EngineOp):
         cache[key] = lnp
         return lnp
 
+    @property
+    def channels(self) -> int:
+        """D, the normalized width."""
+        return int(self.gmul.shape[0])
+
+    def fused_args(self, xr: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(gmul, gadd, lnp)``: what a fused epilogue (``epilogues.linear_add_ln_epilogue``) needs
+        to normalize rows whose values lie in ``xr``."""
+        return self.gmul, self.gadd, self.ln_params(xr)
+
     def layernorm_into(self, rows: np.ndarray, out: np.ndarray, xr: tuple[int, int] | None = None) -> int:
         lnp = self.ln_params(xr if xr is not None else data_range(rows))
         return layernorm_rows(rows, self.gmul, self.gadd, lnp, out, EPI_ROWS_PER_TASK)
