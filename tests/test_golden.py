@@ -3,7 +3,9 @@ transcriptions of docs/integer-spec.md written here, independently of the golden
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, when not installed
 
 from intsim.program.format import DEFAULT_SETTINGS, FORMAT, OP_SCHEMA, VERSION, Program, validate
-from reference.golden import OPS, GoldenResult, accsat, encode, int_softmax, isqrt, rdiv, rq, rshift, run, sat
+from reference.golden import (OPS, STEPS, GoldenResult, SpecViolation, accsat, encode, int_softmax, isqrt, rdiv, rq,
+                              rshift, run, sat, window_probs as golden_window_probs)
 from spec_ref import r_accsat, r_isqrt, r_rdiv, r_rq, r_rshift, r_sat, zero_counts   # Python-int references
 
 SETTINGS = settings(max_examples=200, deadline=None)
@@ -332,9 +335,9 @@ def test_rshift_negative_shift(n, data):
 
 
 def test_rshift_rejects_bad_shifts():
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         rshift(1, 63)
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         rshift(2**62, -1)                     # 2^63 does not fit
 
 
@@ -357,11 +360,11 @@ def test_rq_overflow_is_caught_exactly():
     assert 7 * m == 2**63 - 1
     assert int(rq(7, m, 0)) == 2**63 - 1
     assert int(rq(-2, 2**62, 62)) == -2       # -2^63 fits
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         rq(7, m + 1, 0)
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         rq(2, 2**62, 62)
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         rq(np.array([1, 2**33]), 2**31 - 1, 0)
     assert int(rq(2**32, 2**31 - 1, 62)) == r_rq(2**32, 2**31 - 1, 62)
 
@@ -375,9 +378,9 @@ def test_rdiv(a, b):
 def test_rdiv_examples():
     assert [int(rdiv(a, 2)) for a in (-3, -1, 1, 3)] == [-1, 0, 1, 2]
     assert int(rdiv(2**48, 3)) == r_rdiv(2**48, 3) and int(rdiv(-7, 1)) == -7
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         rdiv(1, 0)
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         rdiv(1, -3)
 
 
@@ -388,7 +391,7 @@ def test_isqrt_examples():
     got = isqrt(np.array(vals, dtype=np.int64)).tolist()
     assert got == [r_isqrt(v) for v in vals] == [math.isqrt(v) for v in vals]
     assert int(isqrt(2**63 - 1)) == 3037000499 and int(isqrt(3037000499**2 - 1)) == 3037000498
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         isqrt(-1)
 
 
@@ -631,7 +634,7 @@ def test_gelu_lookup_and_range():
     y, cnt = OPS["gelu"](prog, op, x)
     assert y.tolist() == [[[table[0], table[15]]], [[table[8], table[7]]]] and cnt == zero_counts()
     for bad in (-9, 8):
-        with pytest.raises(AssertionError):
+        with pytest.raises(SpecViolation):
             OPS["gelu"](prog, op, np.array([[[bad, 0]]]))
 
 
@@ -685,7 +688,7 @@ def test_random_op_outputs_int64_in_range(typ, seed):
     prog, op, ins = gen(seed, wild=True) if typ in ("attention", "add") else gen(seed)
     try:
         y, cnt = OPS[typ](prog, op, *ins)
-    except AssertionError:
+    except SpecViolation:
         return
     assert y.dtype == np.int64 and set(cnt) == {"acc", "out", "prob"}
     if typ == "gelu":
@@ -785,5 +788,364 @@ def test_run_reads_no_float():
 def test_run_checks_value_ranges():
     prog = mini_vit(5)
     prog.values["r0"]["bits"] = 4            # patch_embed output no longer fits its declared kind
-    with pytest.raises(AssertionError):
+    with pytest.raises(SpecViolation):
         run(prog, np.full((1, 3, 4, 4), 255, dtype=np.uint8))
+
+
+# ---- the guards: every bound of the spec raises SpecViolation ---------------------------------------
+
+class Bare:
+    """What the golden op functions read from a program: settings and ``t(op, name)``."""
+
+    def __init__(self, tensors: dict, **settings):
+        self.tensors = {k: np.asarray(v) for k, v in tensors.items()}
+        self.settings = {**DEFAULT_SETTINGS, **settings}
+
+    def t(self, op, name):
+        return self.tensors[name]
+
+
+def _vit_op(gen, seed=0, **kw):
+    prog, op, ins = gen(seed, **kw)
+    OPS[op["type"]](prog, op, *ins)                                   # the instance itself is fine
+    return prog, op, ins
+
+
+def _set(prog, op, name, arr):
+    prog.tensors[f"{op['name']}.{name}"] = np.asarray(arr, dtype=prog.tensors[f"{op['name']}.{name}"].dtype)
+
+
+def _breaks_linear_width():
+    prog, op, (x,) = _vit_op(gen_linear)
+    return lambda: OPS["linear"](prog, op, np.concatenate([x, x[..., :1]], axis=-1))
+
+
+def _breaks_linear_acc():
+    prog, op, (x,) = _vit_op(gen_linear)
+    w = prog.t(op, "w").copy()
+    w[0, 0] = 3
+    _set(prog, op, "w", w)
+    return lambda: OPS["linear"](prog, op, np.full_like(x, 2**62))
+
+
+def _patch_embed(change):
+    prog, op, (img,) = _vit_op(gen_patch_embed, 1)
+    change(prog, op)
+    return lambda: OPS["patch_embed"](prog, op, img)
+
+
+def _layernorm(change, x=None):
+    prog, op, (x0,) = _vit_op(gen_layernorm, 2)
+    change(prog, op)
+    return lambda: OPS["layernorm"](prog, op, x0 if x is None else x)
+
+
+def _attention(change=None, q=None):
+    prog, op, ins = _vit_op(gen_attention, 3)
+    if change:
+        change(prog, op)
+    if q is not None:
+        ins = [np.full_like(ins[0], q)] * 3
+    return lambda: OPS["attention"](prog, op, *ins)
+
+
+def _attention_output_overflow(prog, op):
+    _set(prog, op, "thresholds", np.zeros_like(prog.t(op, "thresholds")))         # every code = N
+    dec = prog.t(op, "decode").copy()
+    dec[-1] = 2**62
+    _set(prog, op, "decode", dec)
+    op["attrs"]["zp_v"] = -5                                                      # |v - zp_v| >= 5
+
+
+def call(f, *args):
+    """A guard case that needs no set-up: f(*args)."""
+    return lambda: (lambda: f(*args))
+
+
+def _softmax(A, table=None, mult=2**30, shift=30, E=2, P=16, G=30):
+    table = exp_table(E, 16) if table is None else table
+    return lambda: lambda: int_softmax(np.asarray(A, dtype=np.int64), np.asarray(table, dtype=np.int64), mult, shift, E, P, G)
+
+
+def _add_overflow():
+    prog, op, (a, s) = _vit_op(gen_add)
+    op["attrs"].update(mult=1, shift=0)
+    return lambda: OPS["add"](prog, op, np.full_like(a, 2**62), np.full_like(s, 2**62))
+
+
+def _gelu_table():
+    prog, op, (x,) = _vit_op(gen_gelu)
+    _set(prog, op, "table", prog.t(op, "table")[:-1])
+    return lambda: OPS["gelu"](prog, op, x)
+
+
+def swin_window(**change):
+    """A small valid window_attention (T = 4 tokens, one window, one head of width 2) and its inputs."""
+    tensors = {"tokens": np.array([[0, 2, 1, 3]]), "rel_index": np.arange(16).reshape(4, 4) % 3,
+               "mask": np.zeros((1, 4, 4), np.int64), "bias_table": np.array([[5, -7, 11]]),
+               "exp_table": exp_table(4, 16), "thresholds": np.array([100, 2000, 30000]),
+               "decode": np.array([0, 1000, 20000, 65535])}
+    attrs = {"heads": 1, "score_frac": 4, "zp_q": 3, "zp_k": 2, "zp_v": 1, "score_mult": 2**30, "score_shift": 30,
+             "exp_frac_bits": 4, "prob_bits": 16, "recip_frac": 30, "mult": 2**30, "shift": 40, "zp": 0,
+             "lo": 0, "hi": 15}
+    tensors.update({k: v for k, v in change.items() if k in tensors})
+    attrs.update({k: v for k, v in change.items() if k in attrs})
+    op = {"name": "win", "type": "window_attention", "inputs": ["q", "k", "v"], "output": "y", "attrs": attrs}
+    x = np.random.default_rng(0).integers(0, 16, (2, 4, 2))
+    q = change.get("q", x)
+    return Bare(tensors), op, (q, x, x)
+
+
+def _swin(**change):
+    prog, op, ins = swin_window(**change)
+    return lambda: OPS["window_attention"](prog, op, *ins)
+
+
+def _patch_merge(src=None, grid=(2, 2), T=4):
+    op = {"name": "pm", "type": "patch_merge", "inputs": ["x"], "output": "y", "attrs": {"grid": list(grid)}}
+    prog = Bare({"src": np.array([[0, 1, 2, 3]]) if src is None else np.asarray(src)})
+    return lambda: OPS["patch_merge"](prog, op, np.zeros((1, T, 3), np.int64))
+
+
+def _mini(change, images=None):
+    prog = mini_vit(5)
+    img = np.full((1, 3, 4, 4), 7, dtype=np.uint8) if images is None else images
+    run(prog, np.full((1, 3, 4, 4), 7, dtype=np.uint8))                # the program itself is fine
+    change(prog)
+    return lambda: run(prog, img)
+
+
+def _duplicate_name(prog):
+    prog.ops[2]["name"] = prog.ops[1]["name"]
+
+
+#: one case per check of reference/golden.py: (set-up returning the failing call, message pattern). Two
+#: checks cannot be reached by any input and have no case: layernorm's V >= 0 (V = D S2 - S1^2 >= 0 by
+#: Cauchy-Schwarz once the row-sum bound excludes overflow) and a value's dtype (every op returns int64).
+GUARDS = {
+    # section 1-2 primitives and the int64 guard of every product and sum
+    "int64 mul": (call(rq, 7, (2**63 - 1) // 7 + 1, 0), "int64 mul"),
+    "int64 add": (_add_overflow, "int64 add"),
+    "int64 sub": (_softmax([[-(2**63), 2**63 - 1]]), "int64 sub"),
+    "rshift n > 62": (call(rshift, 1, 63), "n <= 62"),
+    "rshift n < -62": (call(rshift, 0, -63), "n >= -62"),
+    "rdiv b <= 0": (call(rdiv, 1, 0), "b > 0"),
+    "rdiv |a|": (call(rdiv, -(2**63), 3), r"\|a\| < 2\^61"),
+    "rdiv b big": (call(rdiv, 1, 2**61), "b < 2\\^61"),
+    "isqrt": (call(isqrt, -1), ">= 0"),
+    "accsat A": (call(accsat, 0, 65), "1 <= A <= 64"),
+    # 4.4 softmax
+    "exp table length": (_softmax([[1, 2]], table=np.ones(3)), "exp table length"),
+    "P + G": (_softmax([[1, 2]], P=16, G=45), "P \\+ G < 61"),
+    "u >= 0": (_softmax([[1, 5]], mult=-1, shift=0), "u >= 0"),
+    "row sum": (_softmax([[0] * 4], table=np.full(4, 2**62)), "softmax row sum"),
+    "Z > 0": (_softmax([[0, 0]], table=np.zeros(4)), "b > 0"),
+    # 4.1-4.6 ops
+    "linear width": (_breaks_linear_width, "input width K"),
+    "linear accumulator": (_breaks_linear_acc, r"\(linear\): accumulator: a sum"),
+    "patch grid": (lambda: _patch_embed(lambda p, o: o["attrs"].update(patch=97)), "image size"),
+    "pos rows": (lambda: _patch_embed(lambda p, o: _set(p, o, "pos", p.t(o, "pos")[:-1])), "rows of pos"),
+    "w width": (lambda: _patch_embed(lambda p, o: _set(p, o, "w", np.hstack([p.t(o, "w")] * 2))), "width of w"),
+    "layernorm tokens": (lambda: _layernorm(lambda p, o: o["attrs"].update(tokens="middle")), r"\): tokens: got 'middle'"),
+    "layernorm row sums": (lambda: _layernorm(lambda p, o: None, x=np.full((1, 1, 2), 2**31)), "row sums"),
+    "layernorm K - F": (lambda: _layernorm(lambda p, o: o["attrs"].update(recip_bits=o["attrs"]["norm_frac"] - 1)),
+                        "K - F"),
+    "attention shapes": (lambda: (lambda prog, op, ins: lambda: OPS["attention"](prog, op, ins[0], ins[1][:, :0], ins[2]))(
+        *_vit_op(gen_attention, 3)), "shapes of k and v"),
+    "attention heads": (lambda: _attention(lambda p, o: o["attrs"].update(heads=97)), "width D"),
+    "decode length": (lambda: _attention(lambda p, o: _set(p, o, "decode", p.t(o, "decode")[:-1])), "decode table"),
+    "attention scores": (lambda: _attention(q=2**40), r"\(attention\): scores: a sum"),
+    "attention output": (lambda: _attention(_attention_output_overflow), "output accumulator"),
+    "gelu table": (_gelu_table, "table length"),
+    "gelu input": (lambda: (lambda prog, op, ins: lambda: OPS["gelu"](prog, op, ins[0] + 2**20))(*_vit_op(gen_gelu)),
+                   r"\(gelu\): input: got"),
+    # the program (section 3)
+    "images dtype": (lambda: _mini(lambda p: None, images=np.zeros((1, 3, 4, 4))), "images"),
+    "images rank": (lambda: _mini(lambda p: None, images=np.zeros((3, 4, 4), np.uint8)), "images"),
+    "op names": (lambda: _mini(_duplicate_name), "op names"),
+    "value shape": (lambda: _mini(lambda p: p.values["r0"].update(shape=[5, 3])), "per-image shape"),
+    "value range": (lambda: _mini(lambda p: p.values["r0"].update(bits=2)), "value 'r0'"),
+    "output shape": (lambda: _mini(lambda p: p.header.update(output="r2")), "output value 'r2'"),
+    # section 9 (Swin)
+    "patchify grid": (lambda: (lambda: OPS["patchify"](None, {"name": "pf", "type": "patchify", "attrs": {"patch": 3}},
+                                                       np.zeros((1, 3, 4, 4), np.uint8))), "image size"),
+    "patch_merge T": (lambda: _patch_merge(grid=(2, 3)), "tokens T"),
+    "patch_merge src shape": (lambda: _patch_merge(src=[[0, 1, 2]]), "shape of src"),
+    "patch_merge src": (lambda: _patch_merge(src=[[0, 1, 2, 4]]), r"\): src: got 0..4"),
+    "window heads": (lambda: _swin(heads=3), "width D"),
+    "window size": (lambda: _swin(tokens=np.array([[0, 1, 2]])), "windows x window size"),
+    "window tokens": (lambda: _swin(tokens=np.array([[0, 1, 1, 3]])), "a permutation"),
+    "score_frac": (lambda: _swin(score_frac=31), "score_frac"),
+    "rel_index": (lambda: _swin(rel_index=np.zeros((3, 3), np.int64)), "shape of rel_index"),
+    "mask": (lambda: _swin(mask=np.zeros((2, 4, 4), np.int64)), "shape of mask"),
+    "masked row": (lambda: _swin(mask=np.ones((1, 4, 4), np.int64)), "masked row"),
+    "window scores": (lambda: _swin(q=np.full((2, 4, 2), 2**62)), r"\(window_attention\): scores: a sum"),
+    "window decode": (lambda: _swin(decode=np.array([0, 1, 2])), "decode table"),
+    "token sum": (lambda: (lambda: OPS["token_pool"](
+        Bare({}), {"name": "tp", "type": "token_pool", "attrs": {"mult": 1, "shift": 0, "zp": 0, "lo": 0, "hi": 1}},
+        np.full((1, 2, 3), 2**62))), "token sum"),
+}
+
+
+def test_window_instance_of_the_guard_tests_is_valid():
+    prog, op, ins = swin_window()
+    y, cnt = OPS["window_attention"](prog, op, *ins)
+    assert y.shape == (2, 4, 2) and y.dtype == np.int64 and len(np.unique(y)) > 1
+    p, _, _ = golden_window_probs(prog, op, *ins[:2])
+    assert (p.sum(-1) > 2**15).all() and (p > 0).sum() > p.size // 4     # rows of probabilities
+
+
+@pytest.mark.parametrize("name", list(GUARDS))
+def test_guard_raises_spec_violation(name):
+    make, match = GUARDS[name]
+    call = make()
+    with pytest.raises(SpecViolation, match=match) as ei:
+        call()
+    e = ei.value
+    assert isinstance(e, ArithmeticError) and not isinstance(e, AssertionError)
+    assert e.check and e.bound and e.value is not None
+    assert str(e.value) in str(e) and e.bound in str(e)
+
+
+def test_spec_violation_names_op_bound_and_value():
+    prog, op, (x,) = _vit_op(gen_linear)
+    K = prog.t(op, "w").shape[1]
+    with pytest.raises(SpecViolation) as ei:
+        OPS["linear"](prog, op, np.zeros(x.shape[:-1] + (K + 2,), np.int64))
+    e = ei.value
+    assert (e.op, e.op_type, e.check, e.value) == ("op", "linear", "input width K", K + 2)
+    assert str(e) == f"op 'op' (linear): input width K: got {K + 2}, bound: the weights' K = {K}"
+    # inside a whole program: the op of the program is named
+    prog = mini_vit(5)
+    prog.tensors["norm1.gmul"] = prog.tensors["norm1.gmul"][:1] * 0 + 2**62            # broadcast (1,) gmul
+    with pytest.raises(SpecViolation, match=r"^op 'norm1' \(layernorm\): int64 mul: got mul\(") as ei:
+        run(prog, np.random.default_rng(0).integers(0, 256, (1, 3, 4, 4)).astype(np.uint8))
+    assert ei.value.op == "norm1"
+    # a primitive called alone names no op
+    with pytest.raises(SpecViolation) as ei:
+        rshift(1, 63)
+    assert ei.value.op is None and str(ei.value) == "rshift: shift n: got 63, bound: n <= 62"
+
+
+def test_guards_hold_under_python_O(tmp_path):
+    """The checks are explicit raises, not asserts: python -O (which strips asserts) keeps them."""
+    code = (
+        "import numpy as np\n"
+        "from reference.golden import SpecViolation, rq, rshift, OPS\n"
+        "assert False, 'asserts are on'\n"
+    )
+    script = tmp_path / "o.py"
+    script.write_text(code + (
+        "for f in (lambda: rq(7, (2**63 - 1) // 7 + 1, 0), lambda: rshift(1, 63)):\n"
+        "    try:\n"
+        "        f()\n"
+        "    except SpecViolation as e:\n"
+        "        print('raised:', e)\n"
+        "    else:\n"
+        "        print('silent')\n"
+        "prog = type('P', (), {'settings': {'acc_bits': 32}, 't': lambda self, op, n: np.ones((1, 2), np.int64)\n"
+        "       if n == 'w' else np.zeros(1, np.int64)})()\n"
+        "op = {'name': 'fc', 'type': 'linear', 'attrs': {'lo': 0, 'hi': 15}}\n"
+        "try:\n"
+        "    OPS['linear'](prog, op, np.zeros((1, 1, 3), np.int64))\n"
+        "except SpecViolation as e:\n"
+        "    print('raised:', e)\n"))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-O", str(script)], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    m = (2**63 - 1) // 7 + 1
+    assert lines == [f"raised: int64 mul: got mul(7, {m}) = {7 * m}, bound: -2^63 <= result <= 2^63 - 1",
+                     "raised: rshift: shift n: got 63, bound: n <= 62",
+                     "raised: op 'fc' (linear): input width K: got 3, bound: the weights' K = 2"], out.stdout
+
+
+# ---- the tracing hook ----------------------------------------------------------------------------
+
+def test_trace_calls_every_op_in_order():
+    prog = mini_vit(1)
+    img = np.random.default_rng(2).integers(0, 256, (2, 3, 4, 4)).astype(np.uint8)
+    calls = []
+
+    def trace(op, inputs, output, counts, steps):
+        calls.append((op, inputs, output, counts, steps))
+
+    res = run(prog, img, keep_values=True, trace=trace)
+    assert [c[0]["name"] for c in calls] == [op["name"] for op in prog.ops]
+    assert all(c[0] is op for c, op in zip(calls, prog.ops))
+    last = calls[-1]
+    assert last[0]["output"] == prog.output
+    np.testing.assert_array_equal(last[2][:, 0, :], res.logits)
+    plain = run(prog, img, keep_values=True)
+    np.testing.assert_array_equal(plain.logits, res.logits)
+    assert plain.counts == res.counts
+    for op, inputs, output, counts, steps in calls:
+        assert len(inputs) == len(op["inputs"])
+        for name, a in zip(op["inputs"], inputs):
+            np.testing.assert_array_equal(a, plain.values[name])
+            assert a.dtype == np.int64 and not a.flags.writeable
+        np.testing.assert_array_equal(output, plain.values[op["output"]])
+        assert not output.flags.writeable
+        assert counts == plain.counts[op["name"]]
+        assert tuple(steps) == tuple(sorted(steps, key=STEPS[op["type"]].index)) and set(steps) == set(STEPS[op["type"]])
+        assert all(v.dtype == np.int64 for v in steps.values())
+        y, _ = OPS[op["type"]](prog, op, *inputs)                # the op alone on the traced inputs
+        np.testing.assert_array_equal(y, output)
+
+
+def test_trace_steps_are_the_spec_intermediates():
+    prog = mini_vit(1)
+    img = np.random.default_rng(3).integers(0, 256, (2, 3, 4, 4)).astype(np.uint8)
+    seen = {}
+    run(prog, img, trace=lambda op, i, y, c, s: seen.setdefault(op["name"], (i, y, c, s)))
+    A = prog.settings["acc_bits"]
+    (x,), y, _, s = seen["fc1"]
+    w, bias = prog.t("fc1", "w").astype(np.int64), prog.t("fc1", "bias")
+    np.testing.assert_array_equal(s["acc_raw"], bias + x @ w.T)
+    np.testing.assert_array_equal(s["acc"], np.clip(s["acc_raw"], -(2 ** (A - 1)), 2 ** (A - 1) - 1))
+    (q, k, v), y, c, s = seen["attn"]
+    at = prog.op("attn")["attrs"]
+    np.testing.assert_array_equal(s["dec"], prog.t("attn", "decode")[s["code"]])
+    assert s["p"].shape == s["A"].shape == (2, at["heads"], 5, 5) and (s["Z"] > 0).all()
+    assert int(np.count_nonzero(s["p"] == 2 ** at["prob_bits"] - 1)) >= c["prob"]
+    (x,), y, _, s = seen["norm1"]
+    np.testing.assert_array_equal(s["S1"][..., 0], x.sum(-1))
+    np.testing.assert_array_equal(np.clip(s["pre_sat"], 0, 2**4 - 1), y)
+    (a, skip), y, _, s = seen["add1"]
+    np.testing.assert_array_equal(s["sum"], a + s["skip_rq"])
+
+
+def test_trace_can_stop_the_run_and_none_records_nothing(monkeypatch):
+    prog = mini_vit(1)
+    img = np.zeros((1, 3, 4, 4), np.uint8)
+
+    class Stop(Exception):
+        pass
+
+    names = []
+
+    def trace(op, *_):
+        names.append(op["name"])
+        if op["name"] == "attn":
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(prog, img, trace=trace)
+    assert names == [op["name"] for op in prog.ops][:names.index("attn") + 1] and names[-1] == "attn"
+    given = []
+    for typ, f in list(OPS.items()):
+        monkeypatch.setitem(OPS, typ, lambda *a, _f=f, **kw: given.append(kw.get("steps")) or _f(*a, **kw))
+    run(prog, img)
+    assert given and all(s is None for s in given)
+
+
+def test_trace_of_swin_window_attention_steps():
+    prog, op, ins = swin_window()
+    steps = {}
+    y, cnt = OPS["window_attention"](prog, op, *ins, steps=steps)
+    assert set(steps) == set(STEPS["window_attention"])
+    np.testing.assert_array_equal(steps["dec"], prog.t(op, "decode")[steps["code"]])
+    np.testing.assert_array_equal(steps["A_raw"], steps["dot"] * 2 ** op["attrs"]["score_frac"]
+                                  + prog.t(op, "bias_table")[:, prog.t(op, "rel_index")][None, None])

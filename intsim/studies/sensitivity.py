@@ -84,7 +84,7 @@ def add_arguments(p) -> None:
 def run(a) -> int:
     from reference.vit import FakeQuantViT
 
-    from . import metrics
+    from .. import metrics
     from ..options import calibrate_from_args, load_calib_images, transform_for, check_writable, print_report, program_and_model
     from ..data import load_images
     from ..engine import Engine
