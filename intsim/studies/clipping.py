@@ -63,7 +63,7 @@ def run(a) -> int:
     from reference.vit import FakeQuantViT, forward, params_from_timm
     from intsim.models.zoo import DEFAULT_MODEL, load_model
 
-    from . import metrics
+    from .. import metrics
     from ..options import calibrate_from_args, load_calib_images, transform_for, check_writable, print_report
     from ..data import load_images
 
