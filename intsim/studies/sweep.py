@@ -190,7 +190,7 @@ def _chunk() -> int:
 
 
 def _float_level():
-    from . import evaluate as ev
+    from .. import evaluate as ev
     s = _STATE
     mean, std, bs = s["dc"]["mean"], s["dc"]["std"], s["a"].batch_size
     levels = {"float": lambda x: ev.run_float(s["model"], x, mean, std, bs, False)}
@@ -202,7 +202,7 @@ def _run_point(p: dict) -> dict:
     from reference.golden import run as golden_run
     from reference.vit import FakeQuantViT
 
-    from . import evaluate as ev
+    from .. import evaluate as ev
     from ..engine import Engine
     s = _STATE
     a, data = s["a"], s["data"]
@@ -260,7 +260,7 @@ def _run_channel_point(p: dict, cfg) -> dict:
     (calib.pipeline.channelwise_fakequant); no program, so no engine, golden or cost figures."""
     from calib.pipeline import channelwise_fakequant
 
-    from . import evaluate as ev
+    from .. import evaluate as ev
     s = _STATE
     data = s["data"]
     t0 = time.perf_counter()
