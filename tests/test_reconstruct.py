@@ -143,10 +143,11 @@ def test_cli_rejects_bad_options(capsys, tmp_path, args, match):
 
 
 def test_cli_passes_options_into_the_config():
-    from intsim.cli import _calib_config, build_parser
+    from intsim.cli import build_parser
+    from intsim.options import calib_config
     a = build_parser().parse_args(["calibrate", "--reconstruct", "--recon-iters", "12", "--recon-lr", "0.05",
                                    "--recon-images", "64", "--seed", "3", "-o", "x"])
-    c = _calib_config(a)
+    c = calib_config(a)
     assert (c.reconstruct, c.recon_iters, c.recon_lr, c.recon_images, c.seed) == (True, 12, 0.05, 64, 3)
     assert _calib_config(build_parser().parse_args(["calibrate", "-o", "x"])).reconstruct is False
 
