@@ -14,7 +14,7 @@ from intsim.kernels.epilogues import add_requant
 from intsim.kernels.numeric import narrow_ok, rq_offsets
 from intsim.program.program import Program
 
-from .base import EngineOp, as_int_input, check_shifts
+from .base import WIDE, EngineOp, as_int_input, check_shifts
 
 NAME = "add"
 SPEC = "4.6"
@@ -72,3 +72,17 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 
 def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     return 0
+
+
+# ---- test vectors: the arrays a hardware testbench checks (called by intsim.studies.vectors) ---
+
+#: the op's inputs by role, in input order
+VECTOR_ROLES = ("a", "skip")
+
+
+def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndarray]) -> list[tuple]:
+    """The arrays of a test vector of this op beyond its inputs, attributes and output (``intsim vectors``)."""
+    out: list = []
+    out.append(("skip_rq", steps["skip_rq"], WIDE, True, "intermediate", "rq(skip, mult, shift): the skip at the output scale"))
+    out.append(("sum", steps["sum"], WIDE, True, "intermediate", "a + skip_rq, before the output clamp"))
+    return out

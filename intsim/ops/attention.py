@@ -35,7 +35,7 @@ from intsim.kernels.gemm import F32_EXACT, F64_EXACT, data_range, torch_module
 from intsim.kernels.numeric import MAX_SHIFT, narrow_ok, rq_int, rq_offsets, rshift_array
 from intsim.program.program import Program, ProgramError
 
-from .base import EngineOp, as_int_input, check_shifts, i64
+from .base import WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64, value_width
 
 NAME = "attention"
 SPEC = "4.4"
@@ -388,3 +388,42 @@ def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     """One head's T x T probability matrix at ``prob_bits``."""
     t = prog.values[op["inputs"][0]]["shape"][0]
     return t * t * op["attrs"]["prob_bits"]
+
+
+# ---- test vectors: the arrays a hardware testbench checks (called by intsim.studies.vectors) ---
+
+#: the op's inputs by role, in input order
+VECTOR_ROLES = ("q", "k", "v")
+
+
+def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndarray]) -> list[tuple]:
+    """The arrays of a test vector of this op beyond its inputs, attributes and output (``intsim vectors``)."""
+    out: list = []
+    at = op["attrs"]
+    Ab = int(program.settings["acc_bits"])
+    X, P, L = at["exp_bits"], at["prob_bits"], at["decode_bits"]
+    a_bits = value_width(program, op["output"])[0]
+    out.append(("exp_table", tensor64(program, op, "exp_table"), X + 1, False, "table",
+            "exp_table[j] = rnd(2^X 2^(-j / 2^E)) (2^E)"))
+    out.append(("thresholds", tensor64(program, op, "thresholds"), P + 1, False, "table",
+            "thresholds[k-1]: smallest P-bit probability with code >= k (N)"))
+    out.append(("decode", tensor64(program, op, "decode"), L + 1, False, "table",
+            "decode[k] = rnd(level_k 2^L) (N + 1), decode[0] = 0"))
+    st = steps
+    out.append(("A_raw", st["A_raw"], WIDE, True, "intermediate",
+            "scores sum_r (q[i, r] - zp_q)(k[j, r] - zp_k) per head (B, H, T, T), exact, before accsat"))
+    out.append(("A", st["A"], Ab, True, "intermediate", "accsat(A_raw): the score accumulator (B, H, T, T)"))
+    out.append(("m", st["m"][..., 0], Ab, True, "intermediate", "row maximum m[i] = max_j A[i, j] (B, H, T)"))
+    out.append(("u", st["u"], WIDE, True, "intermediate", "u = rq(m - A, score_mult, score_shift) >= 0 (B, H, T, T)"))
+    out.append(("e", st["e"], X + 1, False, "intermediate", "e = rshift(exp_table[u & (2^E-1)], u >> E), 0 if u >> E > 62"))
+    out.append(("Z", st["Z"][..., 0], WIDE, True, "intermediate", "row sum Z[i] = sum_j e[i, j] (B, H, T)"))
+    out.append(("inv", st["inv"][..., 0], WIDE, True, "intermediate", "row reciprocal inv[i] = rdiv(2^(P+G), Z[i]) (B, H, T)"))
+    out.append(("p", st["p"], P, False, "intermediate", "probability min(rshift(e inv, G), 2^P - 1) (B, H, T, T)"))
+    out.append(("code", st["code"], a_bits, False, "intermediate",
+            "post-softmax code = #{k: p >= thresholds[k-1]} (B, H, T, T)"))
+    out.append(("dec", st["dec"], L + 1, False, "intermediate", "decode[code] (B, H, T, T)"))
+    out.append(("O_raw", st["O_raw"], WIDE, True, "intermediate",
+            "sum_j decode[code[i, j]] (v[j, r] - zp_v) per head (B, H, T, d), exact, before accsat"))
+    out.append(("O", st["O"], Ab, True, "intermediate", "accsat(O_raw): the output accumulator (B, H, T, d)"))
+    out.append(("rq", st["rq"], WIDE, True, "intermediate", "rq(O, mult, shift) (B, H, T, d)"))
+    return out

@@ -54,6 +54,8 @@ def schema_of(module) -> dict:
 COUNT_KEYS = ("acc", "out", "prob")
 #: Bits of a stored shift in the cost model (docs/cost-model.md).
 SHIFT_BITS = 6
+#: Width declared for exact int64 intermediates in test vectors.
+WIDE = 64
 #: Rows of one epilogue task (parallel work item) of the Numba kernels.
 EPI_ROWS_PER_TASK = 8
 
@@ -164,3 +166,14 @@ class EngineOp:
     def forward(self, *inputs: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
         """The op on int64 inputs: ``(y, {"acc", "out", "prob"} saturation counts)``."""
         raise NotImplementedError
+
+
+def value_width(program: Program, name: str) -> tuple[int, bool]:
+    """(bits, signed) of a program value: codes are unsigned, ints signed."""
+    v = program.values[name]
+    return int(v["bits"]), v["kind"] == "int"
+
+
+def tensor64(program: Program, op: dict[str, Any], name: str) -> np.ndarray:
+    """A tensor of the op, as int64."""
+    return np.asarray(program.t(op, name), dtype=np.int64)

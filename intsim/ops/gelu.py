@@ -13,7 +13,7 @@ import numpy as np
 from intsim.kernels.epilogues import gelu_lookup
 from intsim.program.program import Program, ProgramError
 
-from .base import EngineOp, as_int_input, i64, int_attr, zero_counts
+from .base import EngineOp, as_int_input, i64, int_attr, tensor64, value_width, zero_counts
 
 NAME = "gelu"
 SPEC = "4.5"
@@ -70,3 +70,20 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 
 def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     return 0
+
+
+# ---- test vectors: the arrays a hardware testbench checks (called by intsim.studies.vectors) ---
+
+#: the op's inputs by role, in input order
+VECTOR_ROLES = ("x",)
+
+
+def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndarray]) -> list[tuple]:
+    """The arrays of a test vector of this op beyond its inputs, attributes and output (``intsim vectors``)."""
+    out: list = []
+    gb = int(program.settings["gelu_bits"])
+    out_bits = value_width(program, op["output"])[0]
+    out.append(("table", tensor64(program, op, "table"), out_bits, False, "table",
+            "GELU table[i] = output code of input i - 2^(g-1) (2^g)"))
+    out.append(("index", steps["index"], gb, False, "intermediate", "table index x + 2^(g-1)"))
+    return out

@@ -16,7 +16,7 @@ from intsim.kernels.gemm import absmax, data_range
 from intsim.kernels.numeric import MAX_SHIFT, rq_offsets
 from intsim.program.program import Program, ProgramError
 
-from .base import EPI_ROWS_PER_TASK, EngineOp, as_int_input, check_shifts, i64
+from .base import EPI_ROWS_PER_TASK, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64
 
 NAME = "layernorm"
 SPEC = "4.3"
@@ -134,3 +134,27 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 
 def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     return 0
+
+
+# ---- test vectors: the arrays a hardware testbench checks (called by intsim.studies.vectors) ---
+
+#: the op's inputs by role, in input order
+VECTOR_ROLES = ("x",)
+
+
+def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndarray]) -> list[tuple]:
+    """The arrays of a test vector of this op beyond its inputs, attributes and output (``intsim vectors``)."""
+    out: list = []
+    out.append(("gmul", tensor64(program, op, "gmul"), int(program.settings["mult_bits"]), True, "param",
+            "fused gamma multiplier gmul[i] (D)"))
+    out.append(("gadd", tensor64(program, op, "gadd"), 56, True, "param", "fused beta addend gadd[i] (D), |gadd| < 2^55"))
+    st = steps
+    out.append(("S1", st["S1"][..., 0], WIDE, True, "intermediate", "S1 = sum_i x[i] per row (B, T')"))
+    out.append(("S2", st["S2"][..., 0], WIDE, True, "intermediate", "S2 = sum_i x[i]^2 per row (B, T')"))
+    out.append(("c", st["c"], WIDE, True, "intermediate", "c[i] = D x[i] - S1 (B, T', D)"))
+    out.append(("V", st["V"][..., 0], WIDE, True, "intermediate", "V = D S2 - S1^2 per row (B, T')"))
+    out.append(("sd", st["sd"][..., 0], WIDE, True, "intermediate", "sd = isqrt(V) per row (B, T')"))
+    out.append(("inv", st["inv"][..., 0], WIDE, True, "intermediate", "inv = rdiv(2^K, sd) (0 if sd == 0) per row (B, T')"))
+    out.append(("n", st["n"], WIDE, True, "intermediate", "n[i] = rshift(c[i] inv, K - F) (B, T', D)"))
+    out.append(("pre_sat", st["pre_sat"], WIDE, True, "intermediate", "rshift(n gmul + gadd, S) + zp, before the output clamp"))
+    return out

@@ -15,7 +15,7 @@ from intsim.kernels.gemm import Gemm
 from intsim.kernels.numeric import narrow_ok, rq_offsets
 from intsim.program.program import Program
 
-from .base import EPI_ROWS_PER_TASK, SHIFT_BITS, EngineOp, as_int_input, check_shifts, i64
+from .base import EPI_ROWS_PER_TASK, SHIFT_BITS, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64, value_width
 
 NAME = "linear"
 SPEC = "4.1"
@@ -115,3 +115,35 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     """Working storage inside the op beyond its input and output values (bits per image)."""
     return 0
+
+
+# ---- test vectors: the arrays a hardware testbench checks (called by intsim.studies.vectors) ---
+
+#: the op's inputs by role, in input order
+VECTOR_ROLES = ("x",)
+
+
+def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndarray]) -> list[tuple]:
+    """The arrays of a test vector of this op beyond its inputs, attributes and output (``intsim vectors``):
+    ``(name, int64 values, bits, signed, group, meaning)`` from the golden trace ``steps``. Shared by
+    ``patch_embed``."""
+    out: list = []
+    s = program.settings
+    patch = op["type"] == "patch_embed"
+    A, B, wb = int(s["acc_bits"]), int(s["mult_bits"]), int(s["wbits"])
+    out_bits, out_signed = value_width(program, op["output"])
+    out.append(("w", tensor64(program, op, "w"), wb + 1, True, "param", "centered weight codes w[c, k] (N, K): wq - zw[c]"))
+    out.append(("bias", tensor64(program, op, "bias"), A, True, "param", "bias[c] (N) with the input zero point folded in"))
+    out.append(("mult", tensor64(program, op, "mult"), B, True, "param", "requantization multiplier per output channel (N)"))
+    out.append(("shift", tensor64(program, op, "shift"), SHIFT_BITS, False, "param",
+            "requantization right shift per output channel (N)"))
+    if patch:
+        out.append(("pos", tensor64(program, op, "pos"), out_bits, True, "param",
+                "position table pos[t, c] (P + 1, N); row 0 is the class token"))
+    else:
+        out.append(("zp", tensor64(program, op, "zp"), out_bits, False, "param", "output zero point per channel (N)"))
+    st = steps
+    out.append(("acc_raw", st["acc_raw"], WIDE, True, "intermediate", "bias[c] + sum_k x[t, k] w[c, k], exact, before accsat"))
+    out.append(("acc", st["acc"], A, True, "intermediate", "accsat(acc_raw): the accumulator"))
+    out.append(("rq", st["rq"], WIDE, True, "intermediate", "rq(acc, mult[c], shift[c]) = rshift(acc * mult[c], shift[c])"))
+    return out

@@ -111,3 +111,16 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 
 
 scratch_bits = linear.scratch_bits
+
+
+# ---- test vectors: the arrays a hardware testbench checks (called by intsim.studies.vectors) ---
+
+#: the op's inputs by role, in input order
+VECTOR_ROLES = ("image",)
+
+
+def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndarray]) -> list[tuple]:
+    """The patch vectors, then the arrays of ``linear`` (with the position table instead of ``zp``)."""
+    return [("x", steps["x"], 8, False, "intermediate",
+             "patch vectors x[t-1, (ch p + ky) p + kx] = image[ch, i p + ky, j p + kx], t = 1 + i (W/p) + j")] \
+        + linear.vector_arrays(program, op, steps)

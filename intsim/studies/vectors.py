@@ -38,22 +38,18 @@ from typing import Any
 
 import numpy as np
 
+from intsim import ops as registry
+from intsim.ops.base import SHIFT_BITS, value_width
 from reference.golden import run as golden_run
 
 from ..errors import UserError
 
-SUPPORTED = ("linear", "patch_embed", "layernorm", "attention", "gelu", "add")
+#: op types with test vectors: those whose op module has ``vector_arrays``
+SUPPORTED = tuple(t for t, m in registry.MODULES.items() if hasattr(m, "vector_arrays"))
 NPZ = "vectors.npz"
 MANIFEST = "manifest.json"
 FORMAT_MD = "FORMAT.md"
-SHIFT_BITS = 6          # a shift 0..62 (as in intsim/cost.py)
 CONFIG_BITS = 8         # small configuration integers (heads, patch, fraction bits...)
-WIDE = 64               # exact int64 intermediates
-
-#: inputs of each op type, by role (in the op's input order)
-ROLES = {"linear": ("x",), "patch_embed": ("image",), "layernorm": ("x",), "attention": ("q", "k", "v"),
-         "gelu": ("x",), "add": ("a", "skip")}
-
 
 @dataclass
 class Array:
@@ -174,21 +170,15 @@ def trace_op(program, op_name: str, images: np.ndarray) -> Traced:
     raise KeyError(op_name)
 
 
-def _vinfo(program, name: str) -> tuple[int, bool]:
-    """(bits, signed) of a program value."""
-    v = program.values[name]
-    return int(v["bits"]), v["kind"] == "int"
-
-
 def _attr_width(program, op, name: str) -> tuple[int, bool]:
     s = program.settings
-    out_bits, out_signed = _vinfo(program, op["output"])
+    out_bits, out_signed = value_width(program, op["output"])
     if name in ("lo", "hi"):
         return out_bits, out_signed
     if name == "zp":
         return out_bits, False
     if name in ("zp_q", "zp_k", "zp_v"):
-        return _vinfo(program, op["inputs"][("zp_q", "zp_k", "zp_v").index(name)])[0], False
+        return value_width(program, op["inputs"][("zp_q", "zp_k", "zp_v").index(name)])[0], False
     if name in ("mult", "score_mult"):
         return int(s["mult_bits"]), True
     if name in ("shift", "score_shift"):
@@ -209,84 +199,6 @@ def _tensor(program, op, name: str) -> np.ndarray:
     return np.asarray(program.t(op, name), dtype=np.int64)
 
 
-def _linear_like(vec: Vectors, program, op, t: Traced, patch: bool) -> None:
-    s = program.settings
-    A, B, wb = int(s["acc_bits"]), int(s["mult_bits"]), int(s["wbits"])
-    out_bits, out_signed = _vinfo(program, op["output"])
-    vec.add("w", _tensor(program, op, "w"), wb + 1, True, "param", "centered weight codes w[c, k] (N, K): wq - zw[c]")
-    vec.add("bias", _tensor(program, op, "bias"), A, True, "param", "bias[c] (N) with the input zero point folded in")
-    vec.add("mult", _tensor(program, op, "mult"), B, True, "param", "requantization multiplier per output channel (N)")
-    vec.add("shift", _tensor(program, op, "shift"), SHIFT_BITS, False, "param",
-            "requantization right shift per output channel (N)")
-    if patch:
-        vec.add("pos", _tensor(program, op, "pos"), out_bits, True, "param",
-                "position table pos[t, c] (P + 1, N); row 0 is the class token")
-    else:
-        vec.add("zp", _tensor(program, op, "zp"), out_bits, False, "param", "output zero point per channel (N)")
-    st = t.steps
-    vec.add("acc_raw", st["acc_raw"], WIDE, True, "intermediate", "bias[c] + sum_k x[t, k] w[c, k], exact, before accsat")
-    vec.add("acc", st["acc"], A, True, "intermediate", "accsat(acc_raw): the accumulator")
-    vec.add("rq", st["rq"], WIDE, True, "intermediate", "rq(acc, mult[c], shift[c]) = rshift(acc * mult[c], shift[c])")
-
-
-def _layernorm(vec: Vectors, program, op, t: Traced) -> None:
-    vec.add("gmul", _tensor(program, op, "gmul"), int(program.settings["mult_bits"]), True, "param",
-            "fused gamma multiplier gmul[i] (D)")
-    vec.add("gadd", _tensor(program, op, "gadd"), 56, True, "param", "fused beta addend gadd[i] (D), |gadd| < 2^55")
-    st = t.steps
-    vec.add("S1", st["S1"][..., 0], WIDE, True, "intermediate", "S1 = sum_i x[i] per row (B, T')")
-    vec.add("S2", st["S2"][..., 0], WIDE, True, "intermediate", "S2 = sum_i x[i]^2 per row (B, T')")
-    vec.add("c", st["c"], WIDE, True, "intermediate", "c[i] = D x[i] - S1 (B, T', D)")
-    vec.add("V", st["V"][..., 0], WIDE, True, "intermediate", "V = D S2 - S1^2 per row (B, T')")
-    vec.add("sd", st["sd"][..., 0], WIDE, True, "intermediate", "sd = isqrt(V) per row (B, T')")
-    vec.add("inv", st["inv"][..., 0], WIDE, True, "intermediate", "inv = rdiv(2^K, sd) (0 if sd == 0) per row (B, T')")
-    vec.add("n", st["n"], WIDE, True, "intermediate", "n[i] = rshift(c[i] inv, K - F) (B, T', D)")
-    vec.add("pre_sat", st["pre_sat"], WIDE, True, "intermediate", "rshift(n gmul + gadd, S) + zp, before the output clamp")
-
-
-def _attention(vec: Vectors, program, op, t: Traced) -> None:
-    at = op["attrs"]
-    Ab = int(program.settings["acc_bits"])
-    X, P, L = at["exp_bits"], at["prob_bits"], at["decode_bits"]
-    a_bits = _vinfo(program, op["output"])[0]
-    vec.add("exp_table", _tensor(program, op, "exp_table"), X + 1, False, "table",
-            "exp_table[j] = rnd(2^X 2^(-j / 2^E)) (2^E)")
-    vec.add("thresholds", _tensor(program, op, "thresholds"), P + 1, False, "table",
-            "thresholds[k-1]: smallest P-bit probability with code >= k (N)")
-    vec.add("decode", _tensor(program, op, "decode"), L + 1, False, "table",
-            "decode[k] = rnd(level_k 2^L) (N + 1), decode[0] = 0")
-    st = t.steps
-    vec.add("A_raw", st["A_raw"], WIDE, True, "intermediate",
-            "scores sum_r (q[i, r] - zp_q)(k[j, r] - zp_k) per head (B, H, T, T), exact, before accsat")
-    vec.add("A", st["A"], Ab, True, "intermediate", "accsat(A_raw): the score accumulator (B, H, T, T)")
-    vec.add("m", st["m"][..., 0], Ab, True, "intermediate", "row maximum m[i] = max_j A[i, j] (B, H, T)")
-    vec.add("u", st["u"], WIDE, True, "intermediate", "u = rq(m - A, score_mult, score_shift) >= 0 (B, H, T, T)")
-    vec.add("e", st["e"], X + 1, False, "intermediate", "e = rshift(exp_table[u & (2^E-1)], u >> E), 0 if u >> E > 62")
-    vec.add("Z", st["Z"][..., 0], WIDE, True, "intermediate", "row sum Z[i] = sum_j e[i, j] (B, H, T)")
-    vec.add("inv", st["inv"][..., 0], WIDE, True, "intermediate", "row reciprocal inv[i] = rdiv(2^(P+G), Z[i]) (B, H, T)")
-    vec.add("p", st["p"], P, False, "intermediate", "probability min(rshift(e inv, G), 2^P - 1) (B, H, T, T)")
-    vec.add("code", st["code"], a_bits, False, "intermediate",
-            "post-softmax code = #{k: p >= thresholds[k-1]} (B, H, T, T)")
-    vec.add("dec", st["dec"], L + 1, False, "intermediate", "decode[code] (B, H, T, T)")
-    vec.add("O_raw", st["O_raw"], WIDE, True, "intermediate",
-            "sum_j decode[code[i, j]] (v[j, r] - zp_v) per head (B, H, T, d), exact, before accsat")
-    vec.add("O", st["O"], Ab, True, "intermediate", "accsat(O_raw): the output accumulator (B, H, T, d)")
-    vec.add("rq", st["rq"], WIDE, True, "intermediate", "rq(O, mult, shift) (B, H, T, d)")
-
-
-def _gelu(vec: Vectors, program, op, t: Traced) -> None:
-    gb = int(program.settings["gelu_bits"])
-    out_bits = _vinfo(program, op["output"])[0]
-    vec.add("table", _tensor(program, op, "table"), out_bits, False, "table",
-            "GELU table[i] = output code of input i - 2^(g-1) (2^g)")
-    vec.add("index", t.steps["index"], gb, False, "intermediate", "table index x + 2^(g-1)")
-
-
-def _add_op(vec: Vectors, program, op, t: Traced) -> None:
-    vec.add("skip_rq", t.steps["skip_rq"], WIDE, True, "intermediate", "rq(skip, mult, shift): the skip at the output scale")
-    vec.add("sum", t.steps["sum"], WIDE, True, "intermediate", "a + skip_rq, before the output clamp")
-
-
 def op_vectors(program, op: dict[str, Any], traced: Traced) -> Vectors:
     """Every array of one op, from its golden trace (:func:`trace_op`): inputs, constants, the
     intermediates the golden model computed, attributes and the output."""
@@ -294,26 +206,15 @@ def op_vectors(program, op: dict[str, Any], traced: Traced) -> Vectors:
     if typ not in SUPPORTED:
         raise UserError(f"op '{op['name']}' has type {typ!r}; vectors support {', '.join(SUPPORTED)}")
     vec = Vectors(op=op)
-    for role, vname, x in zip(ROLES[typ], op["inputs"], traced.inputs):
-        bits, signed = _vinfo(program, vname)
+    for role, vname, x in zip(registry.get(typ).VECTOR_ROLES, op["inputs"], traced.inputs):
+        bits, signed = value_width(program, vname)
         what = {"image": "raw pixels (B, 3, H, W)", "codes": "unsigned activation codes",
                 "int": "signed integers"}[program.values[vname]["kind"]]
         vec.add(role, x, bits, signed, "input", f"input '{vname}': {what}")
-    if typ in ("linear", "patch_embed"):
-        if typ == "patch_embed":
-            vec.add("x", traced.steps["x"], 8, False, "intermediate",
-                    "patch vectors x[t-1, (ch p + ky) p + kx] = image[ch, i p + ky, j p + kx], t = 1 + i (W/p) + j")
-        _linear_like(vec, program, op, traced, typ == "patch_embed")
-    elif typ == "layernorm":
-        _layernorm(vec, program, op, traced)
-    elif typ == "attention":
-        _attention(vec, program, op, traced)
-    elif typ == "gelu":
-        _gelu(vec, program, op, traced)
-    else:
-        _add_op(vec, program, op, traced)
+    for name, value, bits, signed, group, desc in registry.get(typ).vector_arrays(program, op, traced.steps):
+        vec.add(name, value, bits, signed, group, desc)
     _add_attrs(vec, program, op)
-    ob, osg = _vinfo(program, op["output"])
+    ob, osg = value_width(program, op["output"])
     vec.add("y", traced.output, ob, osg, "output", f"output '{op['output']}' of the op (the golden model's)")
     vec.counts = dict(traced.counts)
     return vec
@@ -341,7 +242,7 @@ def _manifest(program, vec: Vectors, image_info: dict) -> dict[str, Any]:
         "format": "intsim-vectors", "version": 1,
         "op": {"name": op["name"], "type": op["type"], "inputs": list(op["inputs"]), "output": op["output"],
                "attrs": op["attrs"]},
-        "roles": list(ROLES[op["type"]]),
+        "roles": list(registry.get(op["type"]).VECTOR_ROLES),
         "settings": dict(program.settings),
         "program_header_sha256": program_digest(program),
         "images": image_info,
