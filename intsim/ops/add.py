@@ -12,6 +12,7 @@ import numpy as np
 
 from intsim.kernels.epilogues import add_requant
 from intsim.kernels.numeric import narrow_ok, rq_offsets
+from intsim.program.fixedpoint import check_mult_shift
 from intsim.program.program import Program
 
 from .base import WIDE, EngineOp, as_int_input, check_shifts
@@ -27,7 +28,17 @@ FLOAT = {}
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, a: str, skip: str) -> None:
+    """Append the ``add`` op ``name`` (section 4.6): ``y = sat(a + rq(skip, s_skip / s_y))``; the
+    output value (on the scale of ``a``) must be declared."""
+    m, n = b.mult_shift(name, b.sc(skip) / b.sc(name))
+    lo, hi = b.out_range(name)
+    b.op(name, NAME, [a, skip], {"mult": m, "shift": n, "lo": lo, "hi": hi}, {})
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 on an ``add`` op: its multiplier and shift."""
+    check_mult_shift(op["name"], op["attrs"]["mult"], op["attrs"]["shift"], prog.settings["mult_bits"])
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

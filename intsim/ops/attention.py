@@ -33,6 +33,8 @@ import numpy as np
 from intsim.kernels.attention import attention_i64, attn_output, attn_softmax
 from intsim.kernels.gemm import F32_EXACT, F64_EXACT, data_range, torch_module
 from intsim.kernels.numeric import MAX_SHIFT, narrow_ok, rq_int, rq_offsets, rshift_array
+from intsim.program import quantizers as Q
+from intsim.program.fixedpoint import ExportError, check_mult_shift
 from intsim.program.program import Program, ProgramError
 
 from .base import WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64, value_width
@@ -54,7 +56,55 @@ FLOAT = {
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def softmax_constants(b, name: str, q: str, k: str, v: str, heads: int, sq,
+                      score_frac: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """The attributes and tensors of the integer softmax attention (shared with
+    ``window_attention``): the score rescale of ``s_q s_k 2^-score_frac / sqrt(d)`` into base-2
+    exponent units with E fractional bits, the exp table, the post-softmax thresholds and decode
+    table of ``sq`` (a :class:`intsim.program.quantizers.SoftmaxQuantizer`), the output rescale."""
+    s = b.s
+    E, X, P, G, L = s["exp_frac_bits"], s["exp_bits"], s["prob_bits"], s["recip_frac"], s["decode_bits"]
+    if sq.bits != s["abits"]:
+        raise ExportError(f"{name}: post-softmax quantizer has {sq.bits} bits, abits is {s['abits']}")
+    d = b.values[q]["shape"][-1] // heads
+    m_s, n_s = b.mult_shift(f"{name} score rescale",
+                            b.sc(q) * b.sc(k) * 2.0 ** -score_frac / math.sqrt(d) * 2.0 ** E / math.log(2.0))
+    m_o, n_o = b.mult_shift(f"{name} output rescale", b.sc(v) * 2.0 ** -L / b.sc(name))
+    j = np.arange(1 << E, dtype=np.float64)
+    exp_table = Q.rnd(np.exp2(X - j / 2.0 ** E)).astype(np.int64)
+    lo, hi = b.out_range(name)
+    attrs = {"heads": int(heads), "zp_q": b.zp(q), "zp_k": b.zp(k), "zp_v": b.zp(v),
+             "score_mult": m_s, "score_shift": n_s, "exp_frac_bits": E, "exp_bits": X, "prob_bits": P,
+             "recip_frac": G, "decode_bits": L, "mult": m_o, "shift": n_o, "zp": b.zp(name),
+             "lo": lo, "hi": hi, "softmax_quant": sq.to_dict()}
+    tensors = {"exp_table": exp_table, "thresholds": Q.thresholds(sq, P), "decode": Q.decode_table(sq, L),
+               "levels": sq.levels()}
+    return attrs, tensors
+
+
+def export(b, name: str, q: str, k: str, v: str, heads: int, sq) -> None:
+    """Append the ``attention`` op ``name`` (section 4.4) over the codes ``q``, ``k``, ``v`` with
+    ``heads`` heads and the post-softmax quantizer ``sq``; the output value must be declared."""
+    attrs, tensors = softmax_constants(b, name, q, k, v, heads, sq)
+    b.op(name, NAME, [q, k, v], attrs, tensors)
+
+
+def check_softmax_bounds(prog, op) -> None:
+    """Section 8 on the softmax constants of an ``attention`` / ``window_attention`` op."""
+    s, name, a = prog.settings, op["name"], op["attrs"]
+    check_mult_shift(name, [a["score_mult"], a["mult"]], [a["score_shift"], a["shift"]], s["mult_bits"])
+    if a["exp_bits"] > 30 or a["prob_bits"] + a["recip_frac"] > 48 or a["exp_frac_bits"] > 12:
+        raise ExportError(f"{name}: softmax widths out of bounds")
+    n = (1 << s["abits"]) - 1
+    if prog.t(op, "thresholds").shape != (n,) or prog.t(op, "decode").shape != (n + 1,):
+        raise ExportError(f"{name}: threshold / decode tables of the wrong size")
+    if prog.t(op, "exp_table").shape != (1 << a["exp_frac_bits"],):
+        raise ExportError(f"{name}: exp table of the wrong size")
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 on an ``attention`` op (:func:`check_softmax_bounds`)."""
+    check_softmax_bounds(prog, op)
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -6,12 +6,15 @@ its cost figures.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from intsim.kernels.epilogues import gelu_lookup
+from intsim.program.fixedpoint import ExportError
 from intsim.program.program import Program, ProgramError
+from intsim.program.quantizers import rnd
 
 from .base import EngineOp, as_int_input, i64, int_attr, tensor64, value_width, zero_counts
 
@@ -28,7 +31,21 @@ FLOAT = {}
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, x: str) -> None:
+    """Append the ``gelu`` op ``name`` reading the ``int`` value ``x`` (g bits); the output codes
+    must be declared. Section 4.5: ``table[i] = sat(rnd(gelu((i - 2^(g-1)) s_x) / s_y) + zp)``."""
+    g = b.values[x]["bits"]
+    z = (np.arange(1 << g, dtype=np.float64) - (1 << (g - 1))) * b.sc(x)
+    phi = 0.5 * (1.0 + np.array([math.erf(t / math.sqrt(2.0)) for t in z]))
+    lo, hi = b.out_range(name)
+    table = np.clip(rnd(z * phi / b.sc(name)) + b.zp(name), lo, hi).astype(np.int32)
+    b.op(name, NAME, [x], {}, {"table": table})
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 on a ``gelu`` op: one table entry per input code (``2^gelu_bits``)."""
+    if prog.t(op, "table").shape != (1 << prog.settings["gelu_bits"],):
+        raise ExportError(f"{op['name']}: GELU table of the wrong size")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

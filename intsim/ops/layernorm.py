@@ -14,9 +14,16 @@ import numpy as np
 from intsim.kernels.epilogues import layernorm_rows
 from intsim.kernels.gemm import absmax, data_range
 from intsim.kernels.numeric import MAX_SHIFT, rq_offsets
+from intsim.program.fixedpoint import ExportError, check_mult_shift
 from intsim.program.program import Program, ProgramError
+from intsim.program.quantizers import rnd
 
 from .base import EPI_ROWS_PER_TASK, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64
+
+#: Bound on ``|gadd|`` (section 8): the LayerNorm accumulation stays within int64.
+GADD_LIMIT = 1 << 55
+#: Largest LayerNorm width (section 8).
+MAX_WIDTH = 4096
 
 NAME = "layernorm"
 SPEC = "4.3"
@@ -35,7 +42,46 @@ FLOAT = {
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, x: str, ln, tokens: str) -> None:
+    """Append the ``layernorm`` op ``name`` reading ``x`` over ``tokens`` ("all" or "first"); the
+    output value ``name`` must already be declared. ``ln``: the calibrated (reparameterized) affine,
+    ``gamma`` / ``beta`` float64 (D,) (``calib.state.LNCalib``). Section 4.3:
+    ``gmul = rnd(gamma / s_y 2^(S-F))``, ``gadd = rnd(beta / s_y 2^S)``, S the largest shift that fits."""
+    B, K, F = b.s["mult_bits"], b.s["ln_recip_bits"], b.s["ln_norm_frac"]
+    D = ln.gamma.shape[0]
+    if D > MAX_WIDTH:
+        raise ExportError(f"{name}: LayerNorm width {D} > {MAX_WIDTH}")
+    s_y = b.sc(name)
+    gm, ga = ln.gamma / s_y, ln.beta / s_y
+    # start just above the analytic bound and walk down to the first shift that fits
+    top = float(np.abs(gm).max())
+    start = MAX_SHIFT if top == 0 else min(MAX_SHIFT, F + int(math.floor(math.log2(((1 << (B - 1)) - 1) / top))) + 1)
+    for S in range(max(start, 0), -1, -1):
+        gmul = rnd(gm * 2.0 ** (S - F))
+        gadd = rnd(ga * 2.0 ** S)
+        if np.abs(gmul).max() <= (1 << (B - 1)) - 1 and np.abs(gadd).max() < GADD_LIMIT:
+            break
+    else:
+        raise ExportError(f"{name}: no LayerNorm shift keeps gmul below 2^{B - 1} and gadd below 2^55")
+    lo, hi = b.out_range(name)
+    attrs = {"tokens": tokens, "recip_bits": K, "norm_frac": F, "shift": S, "zp": b.zp(name), "lo": lo, "hi": hi}
+    b.op(name, NAME, [x], attrs,
+         {"gmul": gmul.astype(np.int64), "gadd": gadd.astype(np.int64),
+          "gamma": ln.gamma.astype(np.float32), "beta": ln.beta.astype(np.float32)})
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 on a ``layernorm`` op: shift, width, ``|gmul| < 2^(B-1)``, ``|gadd| < 2^55``, K and F."""
+    B, name, a = prog.settings["mult_bits"], op["name"], op["attrs"]
+    check_mult_shift(name, 0, a["shift"], B)
+    if prog.t(op, "gmul").shape[0] > MAX_WIDTH:
+        raise ExportError(f"{name}: D > {MAX_WIDTH}")
+    if np.abs(prog.t(op, "gmul")).max(initial=0) >= 1 << (B - 1):
+        raise ExportError(f"{name}: |gmul| >= 2^{B - 1}")
+    if np.abs(prog.t(op, "gadd")).max(initial=0) >= GADD_LIMIT:
+        raise ExportError(f"{name}: |gadd| >= 2^55")
+    if a["recip_bits"] > 48 or a["norm_frac"] > 20:
+        raise ExportError(f"{name}: recip_bits > 48 or norm_frac > 20")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -13,7 +13,9 @@ import numpy as np
 from intsim.kernels.epilogues import linear_epilogue
 from intsim.kernels.gemm import Gemm
 from intsim.kernels.numeric import narrow_ok, rq_offsets
+from intsim.program.fixedpoint import ExportError, check_mult_shift, requant_array
 from intsim.program.program import Program
+from intsim.program.quantizers import rnd
 
 from .base import EPI_ROWS_PER_TASK, SHIFT_BITS, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64, value_width
 
@@ -37,7 +39,58 @@ FLOAT = {
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def gemm_tensors(b, name: str, lin, s_x: float, z_x: int, s_y: float) -> dict[str, np.ndarray]:
+    """The tensors of an integer GEMM (shared with ``patch_embed``): weight codes, the integer
+    bias ``rnd(b / (s_x s_w)) - z_x sum(w)``, the per-channel multiplier / shift of ``s_x s_w / s_y``,
+    and the float weight scale and bias.
+
+    ``b``: the :class:`intsim.program.builder.ProgramBuilder`; ``lin``: the calibrated layer
+    (``weight.w`` int codes (N, K), ``weight.scale`` (N,), ``bias`` float64 (N,), as
+    ``calib.state.LinearCalib``). A bias that does not fit the accumulator is saturated here,
+    once, and counted in ``b.bias_saturated`` (the header records it, spec section 8), so that
+    narrow-accumulator studies still export.
+    """
+    wb, A = b.s["wbits"], b.s["acc_bits"]
+    w = lin.weight.w
+    if np.abs(w).max(initial=0) > (1 << wb) - 1:
+        raise ExportError(f"{name}: weight code outside +-(2^{wb} - 1)")
+    s_w = lin.weight.scale.astype(np.float64)
+    bias = rnd(lin.bias / (s_x * s_w)).astype(np.int64) - int(z_x) * w.sum(axis=1)
+    lim = (1 << (A - 1)) - 1
+    n_sat = int((np.abs(bias) > lim).sum())
+    if n_sat:
+        b.bias_saturated[name] = n_sat
+        bias = np.clip(bias, -lim, lim)
+    try:
+        mult, shift = requant_array(s_x * s_w / s_y, b.s["mult_bits"])
+    except ExportError as e:
+        raise ExportError(f"{name}: {e}") from None
+    return {"w": w.astype(np.int16), "bias": bias.astype(np.int64), "mult": mult.astype(np.int32),
+            "shift": shift.astype(np.int32), "w_scale": s_w.astype(np.float64),
+            "bias_float": lin.bias.astype(np.float32)}
+
+
+def export(b, name: str, x: str, lin) -> None:
+    """Append the ``linear`` op ``name`` reading the value ``x``; the output value ``name`` must
+    already be declared (its kind, bits and zero point give the saturation range and ``zp``).
+    ``lin``: the calibrated layer (see :func:`gemm_tensors`)."""
+    t = gemm_tensors(b, name, lin, b.sc(x), b.zp(x), b.sc(name))
+    lo, hi = b.out_range(name)
+    zp = b.zp(name) if b.values[name]["kind"] == "codes" else 0
+    t["zp"] = np.full(t["bias"].shape, zp, dtype=np.int32)
+    b.op(name, NAME, [x], {"lo": lo, "hi": hi}, t)
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 on a ``linear`` / ``patch_embed`` op of ``prog``: multipliers and shifts, biases
+    within the accumulator, weight codes within ``+-(2^wbits - 1)`` (raises ``ExportError``)."""
+    s, name = prog.settings, op["name"]
+    A = s["acc_bits"]
+    check_mult_shift(name, prog.t(op, "mult"), prog.t(op, "shift"), s["mult_bits"])
+    if np.abs(prog.t(op, "bias")).max(initial=0) >= 1 << (A - 1):
+        raise ExportError(f"{name}: |bias| >= 2^{A - 1}")
+    if np.abs(prog.t(op, "w").astype(np.int64)).max(initial=0) > (1 << s["wbits"]) - 1:
+        raise ExportError(f"{name}: weights outside +-(2^wbits - 1)")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from intsim.kernels.epilogues import linear_epilogue
-
+from intsim.program.fixedpoint import ExportError
 from intsim.program.program import Program
+from intsim.program.quantizers import rnd
 
 from . import linear
 from .base import EPI_ROWS_PER_TASK, i64
@@ -45,7 +46,26 @@ def shape_dims(op: dict[str, Any], in_shape: list[int]) -> dict[str, int]:
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, x: str, lin, pos: np.ndarray, patch: int) -> None:
+    """Append the ``patch_embed`` op ``name`` reading the image value ``x`` (scale 1, zero point 0);
+    the output value ``name`` (``int``, the first residual) must already be declared.
+    ``lin``: the calibrated ``patch`` x ``patch`` convolution as a (D, 3 patch^2) layer (see
+    :func:`intsim.ops.linear.gemm_tensors`); ``pos``: the folded position table (T, D) float64,
+    stored as ``rnd(pos / s_y)``."""
+    s_y = b.sc(name)
+    t = linear.gemm_tensors(b, name, lin, 1.0, 0, s_y)
+    q = rnd(pos / s_y)
+    if np.abs(q).max() >= 2 ** 31:
+        raise ExportError(f"{name}: position table does not fit int32")
+    t["pos"] = q.astype(np.int32)
+    t["pos_float"] = pos.astype(np.float32)
+    lo, hi = b.out_range(name)
+    b.op(name, NAME, [x], {"patch": int(patch), "lo": lo, "hi": hi}, t)
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8: as a ``linear`` op (:func:`intsim.ops.linear.check_bounds`)."""
+    linear.check_bounds(prog, op)
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -32,7 +32,18 @@ def shape_dims(op: dict[str, Any], in_shape: list[int]) -> dict[str, int]:
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, x: str, grid: tuple[int, int], src: np.ndarray) -> None:
+    """Declare the value ``name`` and append the ``patch_merge`` op (section 9.2) that gathers the
+    2x2 neighbours of the (grid[0], grid[1]) tokens of ``x`` through ``src`` (T/4, 4) into
+    4 C channels (same kind, bits, scale and zero point as ``x``)."""
+    v = b.values[x]
+    T2 = (grid[0] // 2) * (grid[1] // 2)
+    b.value(name, v["kind"], v["bits"], [T2, 4 * v["shape"][-1]], v["scale"], v["zero_point"])
+    b.op(name, NAME, [x], {"grid": [int(grid[0]), int(grid[1])]}, {"src": np.asarray(src).astype(np.int32)})
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 puts no bound on a layout op."""
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -25,7 +25,17 @@ FLOAT = {}
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, x: str, patch: int) -> None:
+    """Declare the value ``name`` and append the ``patchify`` op (section 9.1) that lays the image
+    ``x`` (3, H, W) out as (H/p W/p, 3 p p) pixel codes (8 bits, scale 1, zero point 0)."""
+    _, H, W = b.values[x]["shape"]
+    p = int(patch)
+    b.value(name, "codes", 8, [(H // p) * (W // p), 3 * p * p], 1.0, 0)
+    b.op(name, NAME, [x], {"patch": p}, {})
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 puts no bound on a layout op."""
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -12,6 +12,7 @@ import numpy as np
 
 from intsim.kernels.numeric import MAX_SHIFT
 from intsim.kernels.window import token_pool_kernel
+from intsim.program.fixedpoint import check_mult_shift
 from intsim.program.program import Program, ProgramError
 
 from .base import EngineOp, int_attr, ints
@@ -27,7 +28,18 @@ FLOAT = {}
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, x: str) -> None:
+    """Append the ``token_pool`` op ``name`` (section 9.4): the mean of the T tokens of ``x``,
+    requantized by ``s_x / (T s_y)`` into the declared output codes."""
+    T = b.values[x]["shape"][0]
+    m, n = b.mult_shift(name, b.sc(x) / (T * b.sc(name)))
+    lo, hi = b.out_range(name)
+    b.op(name, NAME, [x], {"mult": m, "shift": n, "zp": b.zp(name), "lo": lo, "hi": hi}, {})
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 on a ``token_pool`` op: its multiplier and shift."""
+    check_mult_shift(op["name"], op["attrs"]["mult"], op["attrs"]["shift"], prog.settings["mult_bits"])
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

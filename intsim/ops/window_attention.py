@@ -12,6 +12,7 @@ import numpy as np
 
 from intsim.kernels.numeric import MAX_SHIFT
 from intsim.kernels.window import window_attention_kernel
+from intsim.program.fixedpoint import ExportError
 from intsim.program.program import Program, ProgramError
 
 from . import attention
@@ -51,7 +52,39 @@ def shape_dims(op: dict[str, Any], in_shape: list[int]) -> dict[str, int]:
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
-# (export)
+def export(b, name: str, q: str, k: str, v: str, *, heads: int, sq, score_frac: int, bias_table: np.ndarray,
+           window: int, cyclic_shift: int, grid: tuple[int, int], tokens: np.ndarray, rel_index: np.ndarray,
+           mask: np.ndarray) -> None:
+    """Append the ``window_attention`` op ``name`` (section 9.3): the softmax constants of
+    ``attention`` (:func:`intsim.ops.attention.softmax_constants`) with scores carrying
+    ``score_frac`` fractional bits, plus the integer relative position bias ``bias_table``
+    (heads, (2 window - 1)^2) and the window geometry of the (grid[0], grid[1]) token grid:
+    ``tokens`` (windows, window^2), ``rel_index`` (window^2, window^2), ``mask`` (windows,
+    window^2, window^2) nonzero where a shifted window's pair is masked."""
+    attrs, tensors = attention.softmax_constants(b, name, q, k, v, heads, sq, score_frac)
+    attrs.update({"window": int(window), "cyclic_shift": int(cyclic_shift), "grid": [int(grid[0]), int(grid[1])],
+                  "score_frac": int(score_frac)})
+    tensors.update({"tokens": tokens.astype(np.int32), "bias_table": bias_table.astype(np.int64),
+                    "rel_index": rel_index.astype(np.int32), "mask": mask.astype(np.int8)})
+    b.op(name, NAME, [q, k, v], attrs, tensors)
+
+
+def check_bounds(prog, op) -> None:
+    """Section 8 on a ``window_attention`` op: the softmax constants, ``score_frac`` in 0..30, the
+    bias within the accumulator, the token table a permutation, no query masked from itself."""
+    name, a = op["name"], op["attrs"]
+    A = prog.settings["acc_bits"]
+    attention.check_softmax_bounds(prog, op)
+    if not 0 <= a["score_frac"] <= 30:
+        raise ExportError(f"{name}: score_frac outside 0..30")
+    if np.abs(prog.t(op, "bias_table")).max(initial=0) >= 1 << (A - 1):
+        raise ExportError(f"{name}: |bias_table| >= 2^{A - 1}")
+    tok = prog.t(op, "tokens").ravel()
+    if not np.array_equal(np.sort(tok), np.arange(tok.size)):
+        raise ExportError(f"{name}: the token table is not a permutation")
+    mask = prog.t(op, "mask")
+    if mask.size and np.any(np.diagonal(mask, axis1=1, axis2=2) != 0):
+        raise ExportError(f"{name}: a query is masked from itself")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

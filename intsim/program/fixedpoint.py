@@ -3,7 +3,8 @@
 * :func:`rnd_int` -- round half up of a float64, as a Python int (exact);
 * :func:`rshift` -- ``floor((a + 2^(n-1)) / 2^n)`` on Python ints;
 * :func:`requant` / :func:`requant_array` -- a real multiplier ``M > 0`` as ``(m, n)`` with
-  ``m < 2^(B-1)`` (``B = mult_bits``) and ``0 <= n <= 62``, ``M ~ m * 2^-n``.
+  ``m < 2^(B-1)`` (``B = mult_bits``) and ``0 <= n <= MAX_SHIFT``, ``M ~ m * 2^-n``;
+* :func:`check_mult_shift` -- the section 8 bound on a program's multipliers and shifts.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 
 import numpy as np
 
+from intsim.program.program import MAX_SHIFT
 from intsim.program.quantizers import rnd
 
 
@@ -43,8 +45,8 @@ def requant(M: float, mult_bits: int) -> tuple[int, int]:
     if m == 1 << (B - 1):
         m, e = 1 << (B - 2), e + 1
     n = (B - 1) - e
-    if n > 62:
-        m, n = rshift(m, n - 62), 62
+    if n > MAX_SHIFT:
+        m, n = rshift(m, n - MAX_SHIFT), MAX_SHIFT
     if n < 0:
         raise ExportError(f"requantization factor {M!r} >= 2^{B - 1} cannot be represented (negative shift)")
     return m, n
@@ -52,7 +54,7 @@ def requant(M: float, mult_bits: int) -> tuple[int, int]:
 
 def requant_array(M: np.ndarray, mult_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`requant` of every element: multipliers and shifts as int64 arrays (vectorized; the
-    rare elements needing the n > 62 reduction or failing go through :func:`requant`)."""
+    rare elements needing the n > MAX_SHIFT reduction or failing go through :func:`requant`)."""
     M = np.asarray(M, dtype=np.float64)
     B = int(mult_bits)
     f, e = np.frexp(M)
@@ -60,7 +62,18 @@ def requant_array(M: np.ndarray, mult_bits: int) -> tuple[np.ndarray, np.ndarray
     top = m == (1 << (B - 1))
     m = np.where(top, 1 << (B - 2), m)
     n = (B - 1) - (e.astype(np.int64) + top)
-    slow = ~(np.isfinite(M) & (M > 0) & (n >= 0) & (n <= 62))
+    slow = ~(np.isfinite(M) & (M > 0) & (n >= 0) & (n <= MAX_SHIFT))
     for i in zip(*np.nonzero(slow)):
         m[i], n[i] = requant(float(M[i]), B)
     return m, n
+
+
+def check_mult_shift(where: str, m, n, mult_bits: int) -> None:
+    """``ExportError`` unless every multiplier is in ``0..2^(B-1)-1`` and every shift in
+    ``0..MAX_SHIFT`` (``m``, ``n``: ints or arrays; section 8)."""
+    B = int(mult_bits)
+    m, n = np.asarray(m, np.int64), np.asarray(n, np.int64)
+    if m.min(initial=0) < 0 or m.max(initial=0) > (1 << (B - 1)) - 1:
+        raise ExportError(f"{where}: multiplier outside 0..2^{B - 1}-1")
+    if n.min(initial=0) < 0 or n.max(initial=0) > MAX_SHIFT:
+        raise ExportError(f"{where}: shift outside 0..{MAX_SHIFT}")
