@@ -10,7 +10,7 @@ from intsim.program.quantizers import TYPES as SOFTMAX_TYPES
 LN_RULES = ("mosf", "mean")
 # "channel": per-channel post-LN quantizers without reparameterization, the upper bound the rules
 # approximate. An integer GEMM cannot mix input-channel scales in one accumulation, so it has no
-# program: only calib.pipeline.channelwise_fakequant evaluates it (fake-quant level only).
+# program: only calib.vit.channelwise_fakequant evaluates it (fake-quant level only).
 FAKEQUANT_ONLY_LN_RULES = ("channel",)
 RECON_DEFAULTS: dict[str, Any] = {"recon_images": 256, "recon_iters": 500, "recon_lr": 0.3, "recon_batch": 16}
 RECON_FIELDS = tuple(["reconstruct", *RECON_DEFAULTS])

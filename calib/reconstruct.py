@@ -1,6 +1,6 @@
 """Block-wise output reconstruction (BRECQ-style), an optional stage after calibration.
 
-After :func:`calib.pipeline.calibrate_params`, every unit of the model is tuned in turn so that
+After :func:`calib.vit.calibrate_params`, every unit of the model is tuned in turn so that
 its fake-quant output matches the float model's output on the reconstruction images:
 
 * the **patch embedding**, layer-wise: its weight rounding, against the float embedding output;
@@ -34,7 +34,7 @@ the regularizer drives each weight to a hard decision before export, so what was
 is exported (an STE's latent weights keep moving across rounding boundaries up to the last step).
 
 **Guard.** After every stage the unit's error is measured with the exact fake-quant semantics
-(:func:`calib.pipeline.quantized_block_forward`) on all reconstruction images; a stage that did
+(:func:`calib.common.quantized_block_forward`) on all reconstruction images; a stage that did
 not lower it is undone. So reconstruction never makes a unit worse on the data it was given.
 
 The loss is the relative squared error ``mean((out - target)^2) / mean(target^2)`` of the unit's
@@ -70,11 +70,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from intsim.program.quantizers import SoftmaxQuantizer
 from reference.vit import BlockParams, ViTParams, block_forward, embed, fake_quant_uniform, layer_norm
 
 from . import reparam as rp
+from .common import CHUNK, np64, quantized_block_forward, t32
 from .state import BlockCalib, LinearCalib, LNCalib, ModelCalib
 from .uniform import SHRINK, ActQuant, WeightQuant, absmax_scale, params_from_range, quantize_weight
 
@@ -101,14 +103,6 @@ def single_thread():
 
 def _rng(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(((int(seed) & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
-
-
-def _t32(a) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float64).numpy()
 
 
 class _LSQ(torch.autograd.Function):
@@ -168,10 +162,10 @@ class _LN:
     """A learnable post-LN reparameterization: per-channel ``s_c = s_c0 * exp(theta)``, the rest fixed."""
 
     def __init__(self, gamma, beta, ln: LNCalib, consumers: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.gamma = np.asarray(_np(gamma) if isinstance(gamma, torch.Tensor) else gamma, np.float64)
-        self.beta = np.asarray(_np(beta) if isinstance(beta, torch.Tensor) else beta, np.float64)
+        self.gamma = np.asarray(np64(gamma) if isinstance(gamma, torch.Tensor) else gamma, np.float64)
+        self.beta = np.asarray(np64(beta) if isinstance(beta, torch.Tensor) else beta, np.float64)
         self.ln = ln
-        self.consumers = [(_np(W), _np(b)) for W, b in consumers]
+        self.consumers = [(np64(W), np64(b)) for W, b in consumers]
         self.theta = torch.zeros(self.gamma.shape[0], dtype=torch.float32, requires_grad=True)
         self.act = _Act(ln.act)
 
@@ -182,12 +176,12 @@ class _LN:
     def torch_fold(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Differentiable (in theta) LN affine and consumers (float32)."""
         r = self.ln.reparam
-        s_c = _t32(r.s_c) * torch.exp(self.theta)
+        s_c = t32(r.s_c) * torch.exp(self.theta)
         r1 = s_c / float(r.s)
-        shift = s_c * _t32(r.r2)
-        g = _t32(self.gamma) / r1
-        b = (_t32(self.beta) + shift) / r1
-        lins = [(_t32(W) * r1[None, :], _t32(bb) - _t32(W) @ shift) for W, bb in self.consumers]
+        shift = s_c * t32(r.r2)
+        g = t32(self.gamma) / r1
+        b = (t32(self.beta) + shift) / r1
+        lins = [(t32(W) * r1[None, :], t32(bb) - t32(W) @ shift) for W, bb in self.consumers]
         return g, b, lins
 
     def fold(self) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
@@ -242,9 +236,9 @@ class _Round:
         self.nearest = self.wq
         V = -np.log((ZETA - GAMMA) / np.clip(rest - GAMMA, 1e-6, None) - 1.0)
         self.V = torch.tensor(np.clip(V, -8.0, 8.0), dtype=torch.float32, requires_grad=True)
-        self._base = _t32(self.base)
+        self._base = t32(self.base)
         self._z = torch.from_numpy(self.z.astype(np.float32))[:, None]
-        self._s = _t32(self.wq.scale)[:, None]
+        self._s = t32(self.wq.scale)[:, None]
         self._live = torch.from_numpy((~self.zero_row).astype(np.float32))[:, None]   # all-zero rows stay 0
         self.n = n
         self.agree_nearest = float(np.mean(check == self.wq.w))
@@ -376,11 +370,11 @@ class _Block:
         """Freeze the reparameterization, quantize the folded weights and create the rounding variables."""
         g1, b1, ((qw, qb), (kw, kb), (vw, vb)) = self.ln1.fold()
         g2, b2, ((f1w, f1b),) = self.ln2.fold()
-        self._fixed = {"g1": _t32(g1), "b1": _t32(b1), "g2": _t32(g2), "b2": _t32(b2),
-                       "qb": _t32(qb), "kb": _t32(kb), "vb": _t32(vb), "f1b": _t32(f1b)}
+        self._fixed = {"g1": t32(g1), "b1": t32(b1), "g2": t32(g2), "b2": t32(b2),
+                       "qb": t32(qb), "kb": t32(kb), "vb": t32(vb), "f1b": t32(f1b)}
         self._folded = {"q": (qw, qb), "k": (kw, kb), "v": (vw, vb), "fc1": (f1w, f1b),
-                        "proj": (_np(self.bp.proj_w), _np(self.bp.proj_b)),
-                        "fc2": (_np(self.bp.fc2_w), _np(self.bp.fc2_b))}
+                        "proj": (np64(self.bp.proj_w), np64(self.bp.proj_b)),
+                        "fc2": (np64(self.bp.fc2_w), np64(self.bp.fc2_b))}
         self.rounds = {k: _Round(W, self.wbits) for k, (W, _) in self._folded.items()}
 
     def calib(self, weights: str) -> BlockCalib:
@@ -421,8 +415,6 @@ def reconstruct_block(bp: BlockParams, bc: BlockCalib, index: int, heads: int, e
                       target: torch.Tensor, wbits: int, iters: int, lr: float, batch: int, seed: int,
                       postfix: Callable[[str], None] | None = None) -> tuple[BlockCalib, UnitLog]:
     """Reconstruct one block: input ``x_q`` (N, T, D) from the quantized prefix, float ``target``."""
-    from .pipeline import quantized_block_forward
-
     t0 = time.perf_counter()
     log = UnitLog(f"blocks.{index}")
     norm = float((target.to(torch.float64) ** 2).mean()) or 1.0
@@ -503,13 +495,13 @@ def reconstruct_patch(params: ViTParams, patch: LinearCalib, images: np.ndarray,
     t0 = time.perf_counter()
     log = UnitLog("patch_embed")
     D = params.embed_dim
-    W = _np(params.patch_w.reshape(D, -1))
+    W = np64(params.patch_w.reshape(D, -1))
     X = _patches(params, images)
-    target = X @ _t32(W).T
+    target = X @ t32(W).T
     norm = float((target.to(torch.float64) ** 2).mean()) or 1.0
 
     def exact(wq: WeightQuant) -> float:
-        Wq = _t32(wq.dequant())
+        Wq = t32(wq.dequant())
         return _eval(lambda xb: xb @ Wq.T, X, target, norm)
 
     log.calibrated = best_err = exact(patch.weight)
@@ -549,7 +541,7 @@ def reconstruct_head(params: ViTParams, mc: ModelCalib, x_q: torch.Tensor, targe
     eps = params.eps
 
     def exact_fn(lc: LNCalib, lin: LinearCalib):
-        g, b, W, bb = _t32(lc.gamma), _t32(lc.beta), _t32(lin.weight.dequant()), _t32(lin.bias)
+        g, b, W, bb = t32(lc.gamma), t32(lc.beta), t32(lin.weight.dequant()), t32(lin.bias)
         a = lc.act
 
         def fn(xb):
@@ -595,7 +587,7 @@ def reconstruct_head(params: ViTParams, mc: ModelCalib, x_q: torch.Tensor, targe
         g, b, ((W, bb),) = ln.fold()
         r = _Round(W, wbits)
     if n_w > 0:
-        fixed = {"g": _t32(g), "b": _t32(b), "bias": _t32(bb)}
+        fixed = {"g": t32(g), "b": t32(b), "bias": t32(bb)}
         rnd_state["head"] = r
         for p in params_s:
             p.requires_grad_(False)
@@ -629,10 +621,6 @@ def reconstruct(params: ViTParams, mc: ModelCalib, images: np.ndarray, config, s
 
     Returns the new :class:`ModelCalib` and one :class:`UnitLog` per unit (patch, blocks, head).
     """
-    from tqdm.auto import tqdm
-
-    from .pipeline import CHUNK, quantized_block_forward
-
     wb = settings["wbits"]
     iters, lr, batch, seed = config.recon_iters, config.recon_lr, config.recon_batch, config.seed
     N = images.shape[0]
@@ -653,7 +641,7 @@ def reconstruct(params: ViTParams, mc: ModelCalib, images: np.ndarray, config, s
         # 1. patch embedding (layer-wise)
         patch, log = reconstruct_patch(params, mc.patch, images, wb, iters, lr, batch, seed, postfix)
         finish(log)
-        ep = replace(params, patch_w=_t32(patch.weight.dequant()).reshape(params.patch_w.shape))
+        ep = replace(params, patch_w=t32(patch.weight.dequant()).reshape(params.patch_w.shape))
         with torch.no_grad():
             r_q = torch.cat([embed(ep, images[s:s + CHUNK]) for s in range(0, N, CHUNK)])
             r_f = torch.cat([embed(params, images[s:s + CHUNK]) for s in range(0, N, CHUNK)])
@@ -689,9 +677,9 @@ def reconstruct(params: ViTParams, mc: ModelCalib, images: np.ndarray, config, s
                                            seed, postfix)
         with torch.no_grad():
             a = norm.act
-            y = fake_quant_uniform(layer_norm(r_q[:, :1], _t32(norm.gamma), _t32(norm.beta), params.eps),
+            y = fake_quant_uniform(layer_norm(r_q[:, :1], t32(norm.gamma), t32(norm.beta), params.eps),
                                    a.scale, a.zero_point, a.bits)
-            logits = F.linear(y, _t32(head.weight.dequant()), _t32(head.bias))
+            logits = F.linear(y, t32(head.weight.dequant()), t32(head.bias))
         finish(log)
     bar.close()
     out = replace(mc, patch=patch, res0=res0, blocks=blocks, norm=norm, head=head,

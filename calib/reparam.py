@@ -19,8 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from intsim.program.quantizers import rnd
+from reference.vit import forward
+
+from .uniform import search_channels
 
 RULES = ("mosf", "mean")
 
@@ -84,12 +88,6 @@ def reparameterize(params, images, bits: int, rule: str) -> tuple[object, dict[s
     ``bits``, and returns a new ``ViTParams`` (float32) whose float output equals the original's,
     with the per-point :class:`Reparam`. Calibration proper does the same block by block.
     """
-    import torch
-
-    from reference.vit import forward
-
-    from .uniform import search_channels
-
     rows: dict[str, np.ndarray] = {}
 
     def record(name, x):

@@ -1,7 +1,8 @@
 """Calibration results: everything the exporter needs, in float64 and real units.
 
-Produced by :mod:`calib.pipeline`, consumed by :mod:`calib.export`. Linear weights are already
-reparameterized (MOSF / mean) and quantized; LayerNorm affines are the reparameterized ones.
+Produced by the calibration drivers (:mod:`calib.vit`; :mod:`calib.swin` wraps blocks in its own), consumed by
+their ``build_program`` (each op's constants computed by ``intsim.ops.<type>.export``). Linear weights
+are already reparameterized (MOSF / mean) and quantized; LayerNorm affines are the reparameterized ones.
 """
 from __future__ import annotations
 

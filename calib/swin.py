@@ -1,6 +1,6 @@
 """DopQ-ViT calibration of timm Swin Transformers and their export to an integer program.
 
-The driver mirrors :mod:`calib.pipeline` (same quantizers, searches, budgets and sequential
+The driver mirrors :mod:`calib.vit` (same quantizers, searches, budgets and sequential
 fake-quant propagation); the Swin graph (``docs/integer-spec.md`` section 9) differs in
 
 * the stem: ``patchify`` (layout) -> ``linear`` (patch convolution, ``int`` out) -> ``layernorm``
@@ -20,7 +20,7 @@ fake-quant propagation); the Swin graph (``docs/integer-spec.md`` section 9) dif
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,20 +29,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from intsim.ops import layernorm, linear, patch_merge, patchify, token_pool, window_attention
 from intsim.program import quantizers as Q
-from intsim.program.format import FORMAT, VERSION, Program, validate
+from intsim.program.builder import ProgramBuilder
+from intsim.program.fixedpoint import ExportError
+from intsim.program.program import Program
 from intsim.program.quantizers import SoftmaxQuantizer
 from reference import swin as S
-from reference.vit import BlockParams, fake_quant_uniform, layer_norm
+from reference.vit import layer_norm
 
+from . import reparam as rp
+from .common import (CHUNK, block_acts, block_calib, calibrate_ln, calibration_record, check_images, emit_block,
+                     export_program, fake_quant, np64, quantize_linear, quantized_block_params, t32)
 from .config import CalibConfig
-from .export import _Builder, check_bounds, check_settings, emit_block
-from intsim.program.fixedpoint import ExportError
 from .observers import BlockObserver, Budget, point_rng
-from .pipeline import CHUNK, _check_images, _linear, _np, _t32, block_calib, calibrate_ln
 from .state import BlockCalib, LinearCalib, LNCalib
-from .uniform import PERCENTILES, SHRINK, ActQuant, absmax_scale
+from .uniform import ActQuant, absmax_scale, search_channels
 
+#: The program header's ``model.arch`` (the name of this architecture in :mod:`calib.archs`).
+ARCH = "swin"
 #: Largest number of fractional bits of the integer window-attention scores (bias resolution).
 MAX_SCORE_FRAC = 8
 #: Windows kept per sampled image for the post-softmax search.
@@ -169,7 +174,7 @@ def _acts_hook(acts: dict[str, ActQuant], probs_name: str, sq: SoftmaxQuantizer 
         if name == probs_name:
             return sq.quantize_torch(x)
         a = acts.get(name)
-        return x if a is None else fake_quant_uniform(x, a.scale, a.zero_point, a.bits)
+        return x if a is None else fake_quant(x, a)
     return hook
 
 
@@ -197,21 +202,11 @@ def quantized_block_forward(sc: SwinBlockCalib, sb: S.SwinBlockParams, r: torch.
                             eps: float) -> torch.Tensor:
     """Fake-quant forward of a calibrated Swin block (the semantics of ``reference.swin.FakeQuantSwin``)."""
     bc = sc.base
-    p = BlockParams(
-        norm1_w=_t32(bc.norm1.gamma), norm1_b=_t32(bc.norm1.beta),
-        q_w=_t32(bc.q.weight.dequant()), q_b=_t32(bc.q.bias), k_w=_t32(bc.k.weight.dequant()), k_b=_t32(bc.k.bias),
-        v_w=_t32(bc.v.weight.dequant()), v_b=_t32(bc.v.bias),
-        proj_w=_t32(bc.proj.weight.dequant()), proj_b=_t32(bc.proj.bias),
-        norm2_w=_t32(bc.norm2.gamma), norm2_b=_t32(bc.norm2.beta),
-        fc1_w=_t32(bc.fc1.weight.dequant()), fc1_b=_t32(bc.fc1.bias),
-        fc2_w=_t32(bc.fc2.weight.dequant()), fc2_b=_t32(bc.fc2.bias))
+    p = quantized_block_params(bc)
     qsb = replace(sb, p=p)
     d = p.q_w.shape[0] // sb.heads
     bias = dequant_bias(sb, sc.bias, sc.score_frac, bc.q_act.scale, bc.k_act.scale, d)
-    acts = {f"{pre}.norm1": bc.norm1.act, f"{pre}.attn.q": bc.q_act, f"{pre}.attn.k": bc.k_act,
-            f"{pre}.attn.v": bc.v_act, f"{pre}.attn.core": bc.core, f"{pre}.norm2": bc.norm2.act,
-            f"{pre}.mlp.gelu": bc.gelu}
-    hook = _acts_hook(acts, f"{pre}.attn.probs", bc.softmax)
+    hook = _acts_hook(block_acts(bc, pre), f"{pre}.attn.probs", bc.softmax)
     return torch.cat([S.block_forward(qsb, r[s:s + CHUNK], pre, eps, hook, bias=bias, mask_value=float("-inf"))
                       for s in range(0, r.shape[0], CHUNK)])
 
@@ -243,16 +238,16 @@ def calibrate_merge(mp: S.MergeParams, r: torch.Tensor, pre: str, grid: tuple[in
     rows = _sample_rows(ys, total, budget.rows, point_rng(config.seed, f"{pre}.norm"))
     norm, ((W, b),) = calibrate_ln(f"{pre}.norm", rows, mp.norm_w, mp.norm_b, [(mp.red_w, mp.red_b)], ab,
                                    config.ln_rule, config.seed, budget)
-    red = _linear(W, b, wb)
+    red = quantize_linear(W, b, wb)
     mc = MergeCalib(norm=norm, reduction=red, res=absmax_scale(absmax, settings["residual_bits"]), grid=grid)
     if not sequential:
         return mc, torch.cat([torch.nn.functional.linear(y, mp.red_w, mp.red_b) for y in ys])
-    g, be, a = _t32(norm.gamma), _t32(norm.beta), norm.act
-    Wq, bq = _t32(red.weight.dequant()), _t32(red.bias)
+    g, be, a = t32(norm.gamma), t32(norm.beta), norm.act
+    Wq, bq = t32(red.weight.dequant()), t32(red.bias)
     outs = []
     for s in range(0, N, CHUNK):
         y = layer_norm(S.merge_tokens(r[s:s + CHUNK], mp.src), g, be, eps)
-        outs.append(torch.nn.functional.linear(fake_quant_uniform(y, a.scale, a.zero_point, a.bits), Wq, bq))
+        outs.append(torch.nn.functional.linear(fake_quant(y, a), Wq, bq))
     return mc, torch.cat(outs)
 
 
@@ -262,10 +257,10 @@ def calibrate_params(params: S.SwinParams, images: np.ndarray, config: CalibConf
     N = images.shape[0]
     wb, ab, R = settings["wbits"], settings["abits"], settings["residual_bits"]
     D0 = params.embed_dim
-    patch = _linear(params.patch_w.reshape(D0, -1), params.patch_b, wb)
+    patch = quantize_linear(params.patch_w.reshape(D0, -1), params.patch_b, wb)
     ep = params
     if config.sequential:
-        ep = replace(params, patch_w=_t32(patch.weight.dequant()).reshape(params.patch_w.shape))
+        ep = replace(params, patch_w=t32(patch.weight.dequant()).reshape(params.patch_w.shape))
     absmax = {"patch_embed.proj": 0.0}
 
     def tap(name, x):
@@ -273,7 +268,7 @@ def calibrate_params(params: S.SwinParams, images: np.ndarray, config: CalibConf
             absmax[name] = max(absmax[name], float(x.abs().max()))
 
     r = torch.cat([S.embed(ep, images[s:s + CHUNK], tap) for s in range(0, N, CHUNK)])
-    pnorm = LNCalib(gamma=_np(params.pnorm_w), beta=_np(params.pnorm_b), act=None, reparam=None)
+    pnorm = LNCalib(gamma=np64(params.pnorm_w), beta=np64(params.pnorm_b), act=None, reparam=None)
     patch_scale = absmax_scale(absmax["patch_embed.proj"], R)
     res0 = absmax_scale(float(r.abs().max()), R)
     merges, stages = [], []
@@ -304,91 +299,58 @@ def calibrate_params(params: S.SwinParams, images: np.ndarray, config: CalibConf
         pooled.append(y.mean(dim=1))
     pooled = torch.cat(pooled)
     logits = torch.nn.functional.linear(pooled, params.head_w, params.head_b)
-    norm, ((hw, hb),) = calibrate_ln("head.pool", _np(pooled), params.norm_w, params.norm_b,
+    norm, ((hw, hb),) = calibrate_ln("head.pool", np64(pooled), params.norm_w, params.norm_b,
                                      [(params.head_w, params.head_b)], ab, config.ln_rule, config.seed, budget)
-    g2, b2 = _t32(norm.gamma), _t32(norm.beta)
+    g2, b2 = t32(norm.gamma), t32(norm.beta)
     for s in range(0, N, CHUNK):
         lnmax = max(lnmax, float(layer_norm(r[s:s + CHUNK], g2, b2, params.eps).abs().max()))
     return SwinCalib(
         img_size=params.img_size, patch_size=params.patch_size, eps=params.eps, patch=patch, patch_scale=patch_scale,
         pnorm=pnorm, res0=res0, merges=merges, stages=stages, dims=[st.dim for st in params.stages],
         grids=[st.grid for st in params.stages], norm=norm, norm_scale=absmax_scale(lnmax, R),
-        head=_linear(hw, hb, wb), logit_scale=absmax_scale(float(logits.abs().max()), settings["logit_bits"]),
+        head=quantize_linear(hw, hb, wb), logit_scale=absmax_scale(float(logits.abs().max()), settings["logit_bits"]),
         mlp_hidden=[int(st.blocks[0].p.fc1_w.shape[0]) if st.blocks else 4 * st.dim for st in params.stages])
 
 
 def calibrate(model, images, mean, std, config: CalibConfig | None = None, provenance: dict | None = None,
-              progress: bool = True) -> Program:
+              progress: bool = True, recon_images=None) -> Program:
     """Post-training quantization (DopQ-ViT) of a timm ``SwinTransformer`` into an integer program
-    (the Swin counterpart of :func:`calib.pipeline.calibrate`, with the same arguments)."""
+    (called through :func:`calib.calibrate`, which documents the arguments). Swin has no
+    reconstruction stage (``calib.calibrate`` refuses ``config.reconstruct``), so ``recon_images``
+    is unused."""
     config = config or CalibConfig()
     settings = config.resolved_settings()
     model.eval()
     with torch.no_grad():
         params = S.params_from_timm(model, mean, std)
-        imgs = _check_images(images, params.img_size)
+        imgs = check_images(images, params.img_size)
         budget = Budget()
         sc = calibrate_params(params, imgs, config, settings, progress, budget)
     prov = dict(provenance or {})
-    prov["calibration"] = {
-        **config.to_dict(),
-        "method": "DopQ-ViT (TanQ + MOSF), calibration only" if (config.softmax_quant, config.ln_rule) == ("tanq", "mosf")
-        else "DopQ-ViT pipeline, ablation",
-        "num_images": int(imgs.shape[0]),
-        "images_sha256": hashlib.sha256(imgs.tobytes()).hexdigest(),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "activation_percentiles": list(PERCENTILES),
-        "weight_shrink": list(SHRINK),
-        "sample_budget": {"rows": budget.rows, "elements": budget.elements,
-                          "softmax_images": budget.softmax_images, "softmax_rows": budget.softmax_rows,
-                          "softmax_windows": SOFTMAX_WINDOWS},
-        "max_score_frac": MAX_SCORE_FRAC,
-    }
+    rec = calibration_record(config, imgs, mean, std, budget)
+    rec["sample_budget"]["softmax_windows"] = SOFTMAX_WINDOWS
+    rec["max_score_frac"] = MAX_SCORE_FRAC
+    prov["calibration"] = rec
     return build_program(sc, settings, prov)
 
 
 # ---- export ---------------------------------------------------------------------------------------
 
-def _window_attention(b: _Builder, name: str, q: str, k: str, v: str, sc: SwinBlockCalib) -> None:
-    """Spec 9.3: the attention constants of 4.4 plus the window tables and the integer bias."""
-    s = b.s
-    E, X, P, G, L = s["exp_frac_bits"], s["exp_bits"], s["prob_bits"], s["recip_frac"], s["decode_bits"]
-    sq = sc.base.softmax
-    if sq.bits != s["abits"]:
-        raise ExportError(f"{name}: post-softmax quantizer has {sq.bits} bits, abits is {s['abits']}")
-    D = b.values[q]["shape"][-1]
-    H = sc.heads
-    d = D // H
-    F = sc.score_frac
-    m_s, n_s = b.mult_shift(f"{name} score rescale",
-                            b.sc(q) * b.sc(k) * 2.0 ** -F / math.sqrt(d) * 2.0 ** E / math.log(2.0))
-    m_o, n_o = b.mult_shift(f"{name} output rescale", b.sc(v) * 2.0 ** -L / b.sc(name))
-    j = np.arange(1 << E, dtype=np.float64)
-    exp_table = Q.rnd(np.exp2(X - j / 2.0 ** E)).astype(np.int64)
-    lo, hi = b.out_range(name)
+def emit_window_attention(b: ProgramBuilder, name: str, q: str, k: str, v: str, sc: SwinBlockCalib) -> None:
+    """The ``window_attention`` op of a calibrated block (spec 9.3), with the window geometry of
+    ``reference.swin`` (the same table functions drive the float model)."""
     Hg, Wg = sc.grid
     ws, sh = sc.window, sc.shift
-    attrs = {"heads": int(H), "window": int(ws), "cyclic_shift": int(sh), "grid": [int(Hg), int(Wg)],
-             "score_frac": int(F), "zp_q": b.zp(q), "zp_k": b.zp(k), "zp_v": b.zp(v),
-             "score_mult": m_s, "score_shift": n_s, "exp_frac_bits": E, "exp_bits": X, "prob_bits": P,
-             "recip_frac": G, "decode_bits": L, "mult": m_o, "shift": n_o, "zp": b.zp(name),
-             "lo": lo, "hi": hi, "softmax_quant": sq.to_dict()}
-    b.op(name, "window_attention", [q, k, v], attrs,
-         {"exp_table": exp_table, "thresholds": Q.thresholds(sq, P), "decode": Q.decode_table(sq, L),
-          "levels": sq.levels(),
-          "tokens": S.window_tokens(Hg, Wg, ws, sh).astype(np.int32),
-          "bias_table": sc.bias.astype(np.int64),
-          "rel_index": S.relative_index(ws).astype(np.int32),
-          "mask": S.shift_mask(Hg, Wg, ws, sh).astype(np.int8)})
+    window_attention.export(b, name, q, k, v, heads=sc.heads, sq=sc.base.softmax, score_frac=sc.score_frac,
+                            bias_table=sc.bias, window=ws, cyclic_shift=sh, grid=sc.grid,
+                            tokens=S.window_tokens(Hg, Wg, ws, sh), rel_index=S.relative_index(ws),
+                            mask=S.shift_mask(Hg, Wg, ws, sh))
 
 
 def build_program(mc: SwinCalib, settings: dict[str, int], provenance: dict[str, Any]) -> Program:
-    """The integer program of a calibrated Swin model (validated; bounds asserted)."""
-    check_settings(settings)
-    s = settings
-    R = s["residual_bits"]
-    b = _Builder(s)
+    """The integer program of a calibrated Swin model (spec section 9; validated, bounds asserted)."""
+    R = settings["residual_bits"]
+    b = ProgramBuilder(settings)
     Hi = mc.img_size
     p = mc.patch_size
     Hg, Wg = Hi // p, Hi // p
@@ -397,12 +359,11 @@ def build_program(mc: SwinCalib, settings: dict[str, int], provenance: dict[str,
     C = mc.head.weight.w.shape[0]
 
     b.value("image", "image", 8, [3, Hi, Hi], 1.0, 0)
-    b.value("patch_embed.patchify", "codes", 8, [P, 3 * p * p], 1.0, 0)
-    b.op("patch_embed.patchify", "patchify", ["image"], {"patch": int(p)}, {})
+    patchify.export(b, "patch_embed.patchify", "image", p)
     b.value("patch_embed.proj", "int", R, [P, D0], mc.patch_scale)
-    b.linear("patch_embed.proj", "patch_embed.patchify", mc.patch)
+    linear.export(b, "patch_embed.proj", "patch_embed.patchify", mc.patch)
     b.value("patch_embed.norm", "int", R, [P, D0], mc.res0)
-    b.layernorm("patch_embed.norm", "patch_embed.proj", mc.pnorm, "all")
+    layernorm.export(b, "patch_embed.norm", "patch_embed.proj", mc.pnorm, "all")
     r = "patch_embed.norm"
     grid = (Hg, Wg)
     for si, blocks in enumerate(mc.stages):
@@ -410,88 +371,40 @@ def build_program(mc: SwinCalib, settings: dict[str, int], provenance: dict[str,
         D = mc.dims[si]
         if mg is not None:
             pre = f"layers.{si}.downsample"
-            Cin = b.values[r]["shape"][-1]
-            T2 = (grid[0] // 2) * (grid[1] // 2)
-            b.value(f"{pre}.merge", "int", b.values[r]["bits"], [T2, 4 * Cin], b.sc(r))
-            b.op(f"{pre}.merge", "patch_merge", [r], {"grid": [int(grid[0]), int(grid[1])]},
-                 {"src": S.merge_sources(*grid).astype(np.int32)})
-            b.codes(f"{pre}.norm", [T2, 4 * Cin], mg.norm.act)
-            b.layernorm(f"{pre}.norm", f"{pre}.merge", mg.norm, "all")
-            b.value(f"{pre}.reduction", "int", R, [T2, D], mg.res)
-            b.linear(f"{pre}.reduction", f"{pre}.norm", mg.reduction)
-            r = f"{pre}.reduction"
+            merged, norm, red = f"{pre}.merge", f"{pre}.norm", f"{pre}.reduction"
+            patch_merge.export(b, merged, r, grid, S.merge_sources(*grid))
+            T2, C4 = b.values[merged]["shape"]
+            b.codes(norm, [T2, C4], mg.norm.act)
+            layernorm.export(b, norm, merged, mg.norm, "all")
+            b.value(red, "int", R, [T2, D], mg.res)
+            linear.export(b, red, norm, mg.reduction)
+            r = red
         grid = mc.grids[si]
         T = grid[0] * grid[1]
         hidden = mc.mlp_hidden[si]
         for j, sc in enumerate(blocks):
             bc = sc.base
             r = emit_block(b, f"layers.{si}.blocks.{j}", r, bc, T, D, bc.q.weight.w.shape[0], hidden,
-                           lambda core, q, k, v, sc=sc: _window_attention(b, core, q, k, v, sc))
+                           lambda core, q, k, v, sc=sc: emit_window_attention(b, core, q, k, v, sc))
 
     T = grid[0] * grid[1]
     D = b.values[r]["shape"][-1]
     b.value("norm", "int", R, [T, D], mc.norm_scale)
-    b.layernorm("norm", r, mc.norm, "all")
+    layernorm.export(b, "norm", r, mc.norm, "all")
     b.codes("head.pool", [1, D], mc.norm.act)
-    m, n = b.mult_shift("head.pool", b.sc("norm") / (T * b.sc("head.pool")))
-    lo, hi = b.out_range("head.pool")
-    b.op("head.pool", "token_pool", ["norm"], {"mult": m, "shift": n, "zp": b.zp("head.pool"), "lo": lo, "hi": hi}, {})
-    b.value("head", "int", s["logit_bits"], [1, C], mc.logit_scale)
-    b.linear("head", "head.pool", mc.head)
+    token_pool.export(b, "head.pool", "norm")
+    b.value("head", "int", settings["logit_bits"], [1, C], mc.logit_scale)
+    linear.export(b, "head", "head.pool", mc.head)
 
     depths = [len(bl) for bl in mc.stages]
     heads = [bl[0].heads if bl else 0 for bl in mc.stages]
-    header = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": {"arch": "swin", "img_size": int(Hi), "patch_size": int(p), "embed_dim": int(D0),
-                  "depths": depths, "depth": int(sum(depths)), "num_heads": heads,
-                  "window_size": [bl[0].window if bl else 0 for bl in mc.stages],
-                  "dims": [int(x) for x in mc.dims], "grids": [[int(a), int(c)] for a, c in mc.grids],
-                  "num_classes": int(C), "num_tokens": int(T), "mlp_hidden": [int(h) for h in mc.mlp_hidden],
-                  "ln_eps": float(mc.eps)},
-        "settings": dict(sorted(s.items())),
-        "provenance": provenance,
-        "inputs": ["image"],
-        "output": "head",
-        "values": b.values,
-        "ops": b.ops,
-    }
-    prog = Program(header, b.tensors)
-    validate(prog, where="exported program")
-    check_bounds(prog)
-    check_bounds_swin(prog)
-    return prog
-
-
-def check_bounds_swin(prog: Program) -> None:
-    """Bounds of section 9 on the constants of the Swin op types (raises ``ExportError``)."""
-    s = prog.settings
-    B, A = s["mult_bits"], s["acc_bits"]
-
-    def ms(where: str, m: int, n: int) -> None:
-        if not 0 <= m <= (1 << (B - 1)) - 1 or not 0 <= n <= 62:
-            raise ExportError(f"{where}: multiplier or shift out of range")
-
-    for op in prog.ops:
-        name, typ, a = op["name"], op["type"], op["attrs"]
-        if typ == "window_attention":
-            ms(name, a["score_mult"], a["score_shift"])
-            ms(name, a["mult"], a["shift"])
-            if a["exp_bits"] > 30 or a["prob_bits"] + a["recip_frac"] > 48 or a["exp_frac_bits"] > 12:
-                raise ExportError(f"{name}: softmax widths out of bounds")
-            if not 0 <= a["score_frac"] <= 30:
-                raise ExportError(f"{name}: score_frac outside 0..30")
-            if np.abs(prog.t(op, "bias_table")).max(initial=0) >= 1 << (A - 1):
-                raise ExportError(f"{name}: |bias_table| >= 2^{A - 1}")
-            tok = prog.t(op, "tokens").ravel()
-            if not np.array_equal(np.sort(tok), np.arange(tok.size)):
-                raise ExportError(f"{name}: the token table is not a permutation")
-            mask = prog.t(op, "mask")
-            if mask.size and np.any(np.diagonal(mask, axis1=1, axis2=2) != 0):
-                raise ExportError(f"{name}: a query is masked from itself")
-        elif typ == "token_pool":
-            ms(name, a["mult"], a["shift"])
+    model = {"arch": ARCH, "img_size": int(Hi), "patch_size": int(p), "embed_dim": int(D0),
+             "depths": depths, "depth": int(sum(depths)), "num_heads": heads,
+             "window_size": [bl[0].window if bl else 0 for bl in mc.stages],
+             "dims": [int(x) for x in mc.dims], "grids": [[int(a), int(c)] for a, c in mc.grids],
+             "num_classes": int(C), "num_tokens": int(T), "mlp_hidden": [int(h) for h in mc.mlp_hidden],
+             "ln_eps": float(mc.eps)}
+    return export_program(b, model, provenance, "head")
 
 
 def reparameterize(params: S.SwinParams, images, bits: int, rule: str) -> tuple[S.SwinParams, dict]:
@@ -500,11 +413,6 @@ def reparameterize(params: S.SwinParams, images, bits: int, rule: str) -> tuple[
     ``downsample.norm`` -> reduction, and the final LayerNorm -> head through the pool (calibrated
     on the pooled features). Returns new float32 parameters whose float output equals the
     original's, and the per-point :class:`calib.reparam.Reparam`."""
-    import copy
-
-    from . import reparam as rp
-    from .uniform import search_channels
-
     rows: dict[str, np.ndarray] = {}
 
     def record(name, x):
@@ -521,7 +429,7 @@ def reparameterize(params: S.SwinParams, images, bits: int, rule: str) -> tuple[
         reps[name] = r
         g, b = rp.apply_ln(ln_w.double().numpy(), ln_b.double().numpy(), r)
         lins = [rp.apply_linear(W.double().numpy(), bb.double().numpy(), r) for W, bb in consumers]
-        return (_t32(g), _t32(b)), [(_t32(W), _t32(bb)) for W, bb in lins]
+        return (t32(g), t32(b)), [(t32(W), t32(bb)) for W, bb in lins]
 
     for s, st in enumerate(out.stages):
         if st.merge is not None:

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from calib import CalibConfig, ExportError, calibrate
 from calib import reparam as rp
-from calib.export import check_settings
+from intsim.program.builder import check_settings
 from intsim.program.fixedpoint import requant, requant_array, rshift
 from calib.uniform import params_from_range, qdq, quantize_weight, search_activation
 from intsim.program import format as pf
@@ -314,8 +314,8 @@ def test_calibration_is_deterministic(tmp_path):
 
 def test_calibration_path_matches_fake_quant_model():
     """The fake-quant path calibration feeds forward (sequential mode) is FakeQuantViT's semantics."""
-    from calib.export import build_program
-    from calib.pipeline import calibrate_params, quantized_block_forward
+    from calib.common import quantized_block_forward
+    from calib.vit import build_program, calibrate_params
 
     m = _mini(seed=4)
     imgs = _images(6, seed=10)
@@ -360,10 +360,9 @@ def test_golden_model_agrees_with_fake_quant(mini_program):
 
 @pytest.mark.parametrize("rule", ["mosf", "mean"])
 def test_state_fake_quant_logits_equal_program_fake_quant(rule):
-    """calib.pipeline.fakequant_logits (the state's fake-quant model, which the 'channel' rule is
+    """calib.vit.fakequant_logits (the state's fake-quant model, which the 'channel' rule is
     evaluated with) equals FakeQuantViT of the program exported from the same state."""
-    from calib.export import build_program
-    from calib.pipeline import calibrate_params, fakequant_logits
+    from calib.vit import build_program, calibrate_params, fakequant_logits
 
     m = _mini(seed=5)
     _add_outliers(m)
@@ -378,7 +377,7 @@ def test_state_fake_quant_logits_equal_program_fake_quant(rule):
 
 
 def test_channel_rule_quantizes_each_post_ln_channel_on_its_own():
-    from calib.pipeline import calibrate_params, channelwise_fakequant
+    from calib.vit import calibrate_params, channelwise_fakequant
 
     m = _mini(seed=6)
     _add_outliers(m)
@@ -401,6 +400,6 @@ def test_channel_rule_has_no_program():
         calibrate(m, _images(4), MEAN, STD, CalibConfig(ln_rule="channel"), progress=False)
     with pytest.raises(ValueError, match="reconstruction"):
         CalibConfig(ln_rule="channel", reconstruct=True).validate()
-    from calib.pipeline import channelwise_fakequant
+    from calib.vit import channelwise_fakequant
     with pytest.raises(ValueError, match="channel"):
         channelwise_fakequant(m, _images(4), MEAN, STD, CalibConfig(ln_rule="mosf"), _images(2))

@@ -7,7 +7,8 @@ import torch
 
 from calib import CalibConfig, calibrate
 from calib import reconstruct as R
-from calib.pipeline import calibrate_params, quantized_block_forward
+from calib.common import quantized_block_forward, t32
+from calib.vit import calibrate_params
 from calib.uniform import quantize_weight
 from intsim.engine import Engine
 from intsim.program import format as pf
@@ -25,7 +26,7 @@ def _cfg(bits: int, **kw) -> CalibConfig:
 def _chain_error(params, mc, imgs) -> list[float]:
     """Relative error of every block's fake-quant output (quantized prefix) against the float model."""
     from dataclasses import replace
-    ep = replace(params, patch_w=R._t32(mc.patch.weight.dequant()).reshape(params.patch_w.shape))
+    ep = replace(params, patch_w=t32(mc.patch.weight.dequant()).reshape(params.patch_w.shape))
     with torch.no_grad():
         rq, rf = embed(ep, imgs), embed(params, imgs)
         errs = []
@@ -149,7 +150,7 @@ def test_cli_passes_options_into_the_config():
                                    "--recon-images", "64", "--seed", "3", "-o", "x"])
     c = calib_config(a)
     assert (c.reconstruct, c.recon_iters, c.recon_lr, c.recon_images, c.seed) == (True, 12, 0.05, 64, 3)
-    assert _calib_config(build_parser().parse_args(["calibrate", "-o", "x"])).reconstruct is False
+    assert calib_config(build_parser().parse_args(["calibrate", "-o", "x"])).reconstruct is False
 
 
 def test_sweep_keys_reconstructed_points_apart():

@@ -257,8 +257,8 @@ def _run_point(p: dict) -> dict:
 
 def _run_channel_point(p: dict, cfg) -> dict:
     """The fake-quant-only upper bound: per-channel post-LN quantizers, no reparameterization
-    (calib.pipeline.channelwise_fakequant); no program, so no engine, golden or cost figures."""
-    from calib.pipeline import channelwise_fakequant
+    (calib.vit.channelwise_fakequant); no program, so no engine, golden or cost figures."""
+    from calib.vit import channelwise_fakequant
 
     from .. import evaluate as ev
     s = _STATE
