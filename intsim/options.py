@@ -219,9 +219,11 @@ def calibrate_from_args(a, model, spec, info, cal, progress):
     prov.update(seed=a.seed, calib_source=cal.source, calib_images=cal.ids, versions=versions())
     recon = None
     if cfg.reconstruct:     # drawn from the same source and split as the calibration images
-        from reference.swin import is_swin
-        if is_swin(model):
-            raise UserError("--reconstruct is implemented for ViT / DeiT models only, not for Swin")
+        from calib import archs
+        arch = archs.for_model(model)
+        if not arch.supports("reconstruction"):
+            raise UserError(f"--reconstruct is implemented for {archs.supporting('reconstruction')} models only, "
+                            f"not for {arch.title}")
         from .data import load_images
         tf, _ = transform_for(spec)
         rs = load_images(a.calib_data, tf, cfg.recon_images, split="calib", seed=a.seed, progress=progress)

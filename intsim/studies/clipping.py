@@ -73,9 +73,11 @@ def run(a) -> int:
     progress = not a.no_progress
     model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
                                    checkpoint=a.checkpoint, seed=a.seed)
-    from reference.swin import is_swin
-    if is_swin(model):
-        raise UserError(f"the clipping experiment is implemented for ViT / DeiT models, not Swin ({spec.name})")
+    from calib import archs
+    arch = archs.for_model(model)
+    if not arch.supports("clipping"):
+        raise UserError(f"the clipping experiment is implemented for {archs.supporting('clipping')} models, "
+                        f"not {arch.title} ({spec.name})")
     tf, dc = transform_for(spec)
     data = load_images(a.data, tf, a.images if a.images is not None or a.data is not None else 2000,
                        split="eval", seed=a.seed, progress=progress)

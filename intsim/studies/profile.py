@@ -24,7 +24,7 @@ def run(a) -> int:
     import torch
 
     from intsim.models.stress import channel_range_profile
-    from reference.swin import is_swin
+    from calib import archs
     from intsim.models.zoo import DEFAULT_MODEL, load_model
 
     from ..options import transform_for, check_writable, print_report
@@ -34,8 +34,10 @@ def run(a) -> int:
     check_writable(a.json, "JSON profile")
     model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
                                    checkpoint=a.checkpoint, seed=a.seed)
-    if is_swin(model):
-        raise UserError("intsim profile covers ViT / DeiT models (blocks with norm1 / norm2), not Swin")
+    arch = archs.for_model(model)
+    if not arch.supports("profile"):
+        raise UserError(f"intsim profile covers {archs.supporting('profile')} models (blocks with norm1 / norm2), "
+                        f"not {arch.title}")
     tf, dc = transform_for(spec)
     data = load_images(a.data, tf, a.images, split="calib", seed=a.seed, progress=not a.no_progress)
     x = torch.from_numpy(data.images).float().div_(255.0)

@@ -95,9 +95,11 @@ def run(a) -> int:
     progress = not a.no_progress
     calib_s = None
     prog, model, spec, info = program_and_model(a)
-    from reference.swin import is_swin
-    if is_swin(model):
-        raise UserError(f"the sensitivity study is implemented for ViT / DeiT programs, not Swin ({spec.name})")
+    from calib import archs
+    arch = archs.for_model(model)
+    if not arch.supports("sensitivity"):
+        raise UserError(f"the sensitivity study is implemented for {archs.supporting('sensitivity')} programs, "
+                        f"not {arch.title} ({spec.name})")
     tf, _ = transform_for(spec)
     data = load_images(a.data, tf, a.images if a.images is not None or a.data is not None else 2000,
                        split="eval", seed=a.seed, progress=progress)
