@@ -403,3 +403,19 @@ def test_channel_rule_has_no_program():
     from calib.vit import channelwise_fakequant
     with pytest.raises(ValueError, match="channel"):
         channelwise_fakequant(m, _images(4), MEAN, STD, CalibConfig(ln_rule="mosf"), _images(2))
+
+
+def test_architecture_registry_dispatches_vit():
+    from calib import archs
+    model = _mini(depth=1)
+    arch = archs.for_model(model)
+    assert arch is archs.VIT and arch.supports("reconstruction") and arch.title == "ViT / DeiT"
+    prog = calibrate(model, _images(4), MEAN, STD, CalibConfig(), progress=False)
+    assert archs.for_program(prog) is archs.VIT and prog.header["export"] == {"bias_saturated": {}}
+    assert isinstance(arch.fakequant_model(prog), FakeQuantViT)
+    with pytest.raises(ValueError, match="unsupported model Linear"):
+        archs.for_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown architecture 'convnet'"):
+        archs.for_program(pf.Program({"model": {"arch": "convnet"}}))
+    with pytest.raises(ValueError, match="unknown feature"):
+        arch.supports("distillation")

@@ -165,6 +165,21 @@ def test_tiny_swin_engine_equals_golden(bits):
     assert_bit_exact(prog, images(5, seed=2))
 
 
+def test_swin_program_header_and_architecture_entry():
+    """The Swin header is the common one (spec section 8: export.bias_saturated recorded), and the
+    registry maps both the model and the program to the Swin entry."""
+    from calib import archs
+    prog = program("A", 4)
+    assert prog.header["export"] == {"bias_saturated": {}}
+    assert archs.for_program(prog) is archs.SWIN is archs.for_model(tiny_swin(CFG_A))
+    assert not archs.SWIN.supports("reconstruction")
+    assert isinstance(archs.SWIN.fakequant_model(prog), S.FakeQuantSwin)
+    # a narrow accumulator saturates some biases at export: the header says which (it used not to)
+    narrow = program("A", 8, settings={"acc_bits": 18})
+    sat = narrow.header["export"]["bias_saturated"]
+    assert sat and all(n > 0 and narrow.op(name)["type"] == "linear" for name, n in sat.items())
+
+
 @pytest.mark.parametrize("kw", [dict(gemm="int", fuse=False), dict(gemm="float")])
 def test_engine_modes_equal_golden(kw):
     prog = program("A", 4)
