@@ -106,12 +106,12 @@ def test_balanced_subset():
 def test_cache_is_tied_to_the_source(tree, tmp_path):
     """Two different sources never share a cached split."""
     cache = tmp_path / "cache"
-    x1, _ = train_cifar._cached_split(tree, "test", cache)
+    x1, _ = train_cifar.cached_split(tree, "test", cache)
     other = tmp_path / "other"
     for c in CLASSES:
         (other / "test" / c).mkdir(parents=True)
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(other / "test" / c / "0000.png")
-    x2, _ = train_cifar._cached_split(other, "test", cache)
+    x2, _ = train_cifar.cached_split(other, "test", cache)
     assert len(x1) == 20 and len(x2) == 10 and not x2.any()
 
 

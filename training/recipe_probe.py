@@ -32,14 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .train_cifar import _augment, _cached_split, _to_tensor, adamw, build_model, evaluate, warmup_cosine
+from .train_cifar import augment, cached_split, to_tensor, adamw, build_model, evaluate, warmup_cosine
 
 
 def probe(data: Path, cache: Path, *, images: int, batch: int, lr: float, weight_decay: float, pos_init: str,
           patch_drop: float, seed: int) -> dict:
     """Train on ``images`` images with the compressed schedule; top-1 on every 5th test image."""
-    xtr, ytr = _cached_split(data, "train", cache)
-    xte, yte = _cached_split(data, "test", cache)
+    xtr, ytr = cached_split(data, "train", cache)
+    xte, yte = cached_split(data, "test", cache)
     xte, yte = xte[::5], yte[::5]
     torch.manual_seed(seed)
     model = build_model(pos_init, patch_drop)
@@ -56,7 +56,7 @@ def probe(data: Path, cache: Path, *, images: int, batch: int, lr: float, weight
     model.train()
     for s in range(steps):
         idx = order[s * batch:(s + 1) * batch]
-        x = _augment(_to_tensor(xtr[idx]), g)
+        x = augment(to_tensor(xtr[idx]), g)
         for pg in opt.param_groups:
             pg["lr"] = warmup_cosine(s, lr, warm, steps)
         loss = F.cross_entropy(model(x), torch.from_numpy(ytr[idx]), label_smoothing=0.1)

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train_cifar import DEFAULT_CACHE, _cached_split, read_epoch_log
+from .train_cifar import DEFAULT_CACHE, cached_split, read_epoch_log
 
 RESERVED = ("--data", "--out", "--resume", "--threads", "--device", "--cache")   # set by the sweep
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):                   # decode once, before the runs share the cache
-        _cached_split(Path(a.data), split, Path(a.cache))
+        cached_split(Path(a.data), split, Path(a.cache))
     slots = a.parallel or len(runs)
     t0 = time.time()
     waiting, live, state = list(runs), {}, {}

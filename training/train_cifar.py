@@ -72,7 +72,7 @@ def read_epoch_log(run_dir: Path, upto: int | None = None) -> list[dict]:
     return [recs[e] for e in sorted(recs)]
 
 
-def _cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+def cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """The decoded split, cached in ``cache`` under a name tied to the source (path, size, mtime)."""
     import hashlib
     st = data.stat()
@@ -90,7 +90,7 @@ def _cached_split(data: Path, split: str, cache: Path) -> tuple[np.ndarray, np.n
     return x, y
 
 
-def _to_tensor(x: np.ndarray) -> torch.Tensor:
+def to_tensor(x: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> normalized float NCHW."""
     t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
@@ -98,7 +98,7 @@ def _to_tensor(x: np.ndarray) -> torch.Tensor:
     return (t - mean) / std
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random crop 32 from the 4-pixel reflect-padded image, then random horizontal flip."""
     n = x.shape[0]
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
@@ -178,7 +178,7 @@ def evaluate(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 
     dev = next(model.parameters()).device
     correct = 0
     for i in range(0, len(x), batch):
-        logits = model(_to_tensor(x[i:i + batch]).to(dev))
+        logits = model(to_tensor(x[i:i + batch]).to(dev))
         correct += int((logits.argmax(1).cpu().numpy() == y[i:i + batch]).sum())
     return correct / len(x)
 
@@ -239,8 +239,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    xtr, ytr = _cached_split(Path(a.data), "train", Path(a.cache))
-    xte, yte = _cached_split(Path(a.data), "test", Path(a.cache))
+    xtr, ytr = cached_split(Path(a.data), "train", Path(a.cache))
+    xte, yte = cached_split(Path(a.data), "test", Path(a.cache))
 
     torch.manual_seed(a.seed)
     model = build_model(a.pos_init, a.patch_drop, a.drop_path).to(a.device)
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         tot_loss = 0.0
         for s in range(steps_per_epoch):
             idx = perm[s * a.batch:(s + 1) * a.batch]
-            xb = _augment(_to_tensor(xtr[idx]), g).to(a.device)
+            xb = augment(to_tensor(xtr[idx]), g).to(a.device)
             yb = torch.from_numpy(ytr[idx]).to(a.device)
             for pg in opt.param_groups:
                 pg["lr"] = lr_at(epoch * steps_per_epoch + s)
