@@ -17,7 +17,7 @@ from intsim.ops.window_attention import window_probabilities
 from intsim.program.format import ProgramError, Program, validate
 from reference import golden
 from reference import swin as S
-from reference.vit import FakeQuantViT
+from reference.fakequant import FakeQuantModel
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.3, 0.2)
 # A: 16x16 then 8x8 token grids, window 4 (shifted blocks have masks in both stages)
@@ -190,8 +190,7 @@ def test_narrow_accumulator_counts_saturation_bit_exact():
 
 def test_fakequant_swin_tracks_engine_at_8_bits():
     prog = program("A", 8)
-    fq = FakeQuantViT(prog)
-    assert isinstance(fq, S.FakeQuantSwin)
+    fq = FakeQuantModel(prog)
     x = images(6, seed=7)
     e = Engine(prog).run(x)
     f = fq(x).double().numpy()
