@@ -101,14 +101,14 @@ VIT = Architecture(
     name="vit", title="ViT / DeiT",
     model_class="timm.models.vision_transformer:VisionTransformer",
     driver="calib.vit", graph_spec="6",
-    fakequant="reference.vit:FakeQuantViT",
+    fakequant="reference.fakequant:FakeQuantModel",
     features=frozenset(FEATURES))
 
 SWIN = Architecture(
     name="swin", title="Swin",
     model_class="timm.models.swin_transformer:SwinTransformer",
     driver="calib.swin", graph_spec="9",
-    fakequant="reference.swin:FakeQuantSwin")
+    fakequant="reference.fakequant:FakeQuantModel")
 
 #: The registry, by name.
 ARCHS: dict[str, Architecture] = {a.name: a for a in (VIT, SWIN)}

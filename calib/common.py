@@ -8,7 +8,7 @@ stage (:mod:`calib.reconstruct`) share.
   the attention differs): :func:`calibrate_ln` (post-LN calibration and MOSF / mean
   reparameterization), :func:`quantize_linear`, :func:`block_calib` (a block from what its
   observer saw);
-* the fake-quant semantics of a calibrated block (``reference.vit.FakeQuantViT`` on the state
+* the fake-quant semantics of a calibrated block (``reference.fakequant.FakeQuantModel`` on the state
   itself): :func:`fake_quant`, :func:`quantized_block_params`, :func:`quantized_block_forward`;
 * export: :func:`emit_block` (the values and ops of one block, spec sections 4.1, 4.3-4.6, each
   op's constants computed by its module ``intsim.ops.<type>.export``), :func:`check_bounds`
@@ -182,7 +182,7 @@ def block_acts(bc: BlockCalib, pre: str) -> dict[str, ActQuant]:
 
 def quantized_block_forward(bc: BlockCalib, r: torch.Tensor, index: int, heads: int, eps: float,
                             tap=None) -> torch.Tensor:
-    """Fake-quant forward of a calibrated ViT block (the semantics of ``reference.vit.FakeQuantViT``):
+    """Fake-quant forward of a calibrated ViT block (the semantics of ``reference.fakequant.FakeQuantModel``):
     dequantized weights, reparameterized LN affines, quantize-dequantize at every quantized point.
     ``tap(name, tensor)`` (optional) observes the integer-valued points as in ``block_forward``."""
     bp = quantized_block_params(bc)

@@ -200,7 +200,7 @@ def calibrate_block(sb: S.SwinBlockParams, r: torch.Tensor, pre: str, grid: tupl
 
 def quantized_block_forward(sc: SwinBlockCalib, sb: S.SwinBlockParams, r: torch.Tensor, pre: str,
                             eps: float) -> torch.Tensor:
-    """Fake-quant forward of a calibrated Swin block (the semantics of ``reference.swin.FakeQuantSwin``)."""
+    """Fake-quant forward of a calibrated Swin block (the semantics of ``reference.fakequant.FakeQuantModel``)."""
     bc = sc.base
     p = quantized_block_params(bc)
     qsb = replace(sb, p=p)

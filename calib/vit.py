@@ -98,7 +98,7 @@ def calibrate_params(params: ViTParams, images: np.ndarray, config: CalibConfig,
 
 def fakequant_logits(mc: ModelCalib, params: ViTParams, images: np.ndarray) -> torch.Tensor:
     """Float logits (N, C) of the fake-quant model held by the calibration state ``mc`` (the
-    semantics of ``reference.vit.FakeQuantViT``, whose program is built from ``mc``): quantized
+    semantics of ``reference.fakequant.FakeQuantModel``, whose program is built from ``mc``): quantized
     patch embedding, :func:`calib.common.quantized_block_forward` per block, quantized final LN and head."""
     ep = replace(params, patch_w=t32(mc.patch.weight.dequant()).reshape(params.patch_w.shape),
                  patch_b=t32(mc.patch.bias), pos=t32(mc.pos))

@@ -125,7 +125,7 @@ def cmd_calibrate(a) -> int:
 def cmd_run(a) -> int:
     from intsim.program.format import save
     from reference.golden import run as golden_run
-    from reference.vit import FakeQuantViT
+    from reference.fakequant import FakeQuantModel
 
     from . import evaluate as ev
     from .data import open_images
@@ -154,7 +154,7 @@ def cmd_run(a) -> int:
             save(prog, a.save_program)
     n_golden = len(data) if a.golden_images is None else min(a.golden_images, len(data))
 
-    fq = FakeQuantViT(prog)
+    fq = FakeQuantModel(prog)
     scale = float(prog.values[prog.output]["scale"])
     t0 = time.perf_counter()
     engine = Engine(prog)

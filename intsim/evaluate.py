@@ -1,7 +1,7 @@
 """Evaluate the four levels of one model on the same images and compare them.
 
 Levels: ``float`` (the timm model), ``fakequant`` (the program's quantize-dequantize semantics,
-``reference.vit.FakeQuantViT``), ``engine`` (the Numba integer engine) and ``golden`` (the plain
+``reference.fakequant.FakeQuantModel``), ``engine`` (the Numba integer engine) and ``golden`` (the plain
 integer golden model, possibly on a prefix of the images). Integer logits are turned into real
 numbers with the program's logit scale before float comparisons.
 """

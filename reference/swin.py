@@ -1,4 +1,4 @@
-"""Swin Transformer: functional float forward (with quantization hooks), window geometry, fake-quant.
+"""Swin Transformer: functional float forward (with quantization hooks) and window geometry.
 
 Follows timm's ``timm.models.swin_transformer`` (1.0.x): NHWC tokens, ``PatchEmbed`` with a
 LayerNorm, stages of ``SwinTransformerBlock`` (``WindowAttention`` with a relative position bias
@@ -20,7 +20,8 @@ commutes with the window partition and the cyclic shift, so the only non-local s
 * the average pool before the head.
 
 The same table functions build the program's constants (``calib/swin.py``), so the identity-hook
-forward equal to timm's forward is also a check of the tables.
+forward equal to timm's forward is also a check of the tables. The fake-quant model of a Swin
+program is ``reference.fakequant.FakeQuantModel``, as for every program.
 
 Quantized points (hook names; ``L = layers.s``): ``L.downsample.norm`` (merge LayerNorm output =
 reduction input), ``L.blocks.j.norm1``, ``.attn.q`` / ``.k`` / ``.v``, ``.attn.probs`` (post-softmax,
@@ -31,18 +32,15 @@ features = head input). Integer-valued points (``tap``): ``patch_embed.proj``, `
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .vit import (BlockParams, FakeQuantViT, Hook, Tap, _as_float_images, _b32, _f32, _f64, _no_tap, _w32,
-                  identity_hook, layer_norm, transformer_block)
-
-MASK_FILL = -100.0     # timm's additive mask value of the shifted windows
+from .functional import (MASK_FILL, Hook, Tap, as_float_images, bias_or_zeros, conv_patches, f32, f64, identity_hook,
+                         layer_norm, linear, ln_weight, merge_tokens, no_tap, token_pool, window_attention)
+from .vit import BlockParams, transformer_block
 
 
 # ---- window geometry (numpy, int64) --------------------------------------------------------------
@@ -170,11 +168,6 @@ class SwinParams:
                 yield s, j, f"layers.{s}.blocks.{j}", bp, st.grid
 
 
-def is_swin(model) -> bool:
-    from timm.models.swin_transformer import SwinTransformer
-    return isinstance(model, SwinTransformer)
-
-
 def _check_supported(model) -> None:
     from timm.layers import Mlp
     from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
@@ -230,8 +223,8 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> Swin
     mean64 = torch.tensor([float(m) for m in mean], dtype=torch.float64).view(1, 3, 1, 1)
     std64 = torch.tensor([float(s) for s in std], dtype=torch.float64).view(1, 3, 1, 1)
     conv = model.patch_embed.proj
-    W = _f64(conv.weight)
-    b = _f64(conv.bias) if conv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    W = f64(conv.weight)
+    b = f64(conv.bias) if conv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
     p = int(conv.kernel_size[0])
     if tuple(conv.kernel_size) != (p, p) or tuple(conv.stride) != (p, p) or W.shape[1] != 3:
         raise ValueError("patch embedding must be a square stride-p convolution over 3 channels")
@@ -247,8 +240,9 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> Swin
         merge = None
         if not isinstance(st.downsample, torch.nn.Identity):
             ds = st.downsample
-            merge = MergeParams(norm_w=_w32(ds.norm, 4 * D), norm_b=_b32(ds.norm, 4 * D),
-                                red_w=_f32(ds.reduction.weight), red_b=_b32(ds.reduction, ds.reduction.weight.shape[0]),
+            merge = MergeParams(norm_w=ln_weight(ds.norm, 4 * D), norm_b=bias_or_zeros(ds.norm, 4 * D),
+                                red_w=f32(ds.reduction.weight),
+                                red_b=bias_or_zeros(ds.reduction, ds.reduction.weight.shape[0]),
                                 src=torch.from_numpy(merge_sources(*grid)))
             grid = (grid[0] // 2, grid[1] // 2)
             D = int(ds.reduction.weight.shape[0])
@@ -259,33 +253,34 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> Swin
                 raise ValueError(f"layers.{s}: block resolution {blk.input_resolution} != {grid}")
             a = blk.attn
             A = a.qkv.weight.shape[0] // 3
-            qkv_w = _f64(a.qkv.weight)
-            qkv_b = _f64(a.qkv.bias) if a.qkv.bias is not None else torch.zeros(3 * A, dtype=torch.float64)
+            qkv_w = f64(a.qkv.weight)
+            qkv_b = f64(a.qkv.bias) if a.qkv.bias is not None else torch.zeros(3 * A, dtype=torch.float64)
             ws, sh = int(blk.window_size[0]), int(blk.shift_size[0])
             for ln in (blk.norm1, blk.norm2):
                 _same_eps(eps, ln)
             bp = BlockParams(
-                norm1_w=_w32(blk.norm1, D), norm1_b=_b32(blk.norm1, D),
-                q_w=_f32(qkv_w[:A]), q_b=_f32(qkv_b[:A]), k_w=_f32(qkv_w[A:2 * A]), k_b=_f32(qkv_b[A:2 * A]),
-                v_w=_f32(qkv_w[2 * A:]), v_b=_f32(qkv_b[2 * A:]),
-                proj_w=_f32(a.proj.weight), proj_b=_b32(a.proj, a.proj.weight.shape[0]),
-                norm2_w=_w32(blk.norm2, D), norm2_b=_b32(blk.norm2, D),
-                fc1_w=_f32(blk.mlp.fc1.weight), fc1_b=_b32(blk.mlp.fc1, blk.mlp.fc1.weight.shape[0]),
-                fc2_w=_f32(blk.mlp.fc2.weight), fc2_b=_b32(blk.mlp.fc2, blk.mlp.fc2.weight.shape[0]))
+                norm1_w=ln_weight(blk.norm1, D), norm1_b=bias_or_zeros(blk.norm1, D),
+                q_w=f32(qkv_w[:A]), q_b=f32(qkv_b[:A]), k_w=f32(qkv_w[A:2 * A]), k_b=f32(qkv_b[A:2 * A]),
+                v_w=f32(qkv_w[2 * A:]), v_b=f32(qkv_b[2 * A:]),
+                proj_w=f32(a.proj.weight), proj_b=bias_or_zeros(a.proj, a.proj.weight.shape[0]),
+                norm2_w=ln_weight(blk.norm2, D), norm2_b=bias_or_zeros(blk.norm2, D),
+                fc1_w=f32(blk.mlp.fc1.weight), fc1_b=bias_or_zeros(blk.mlp.fc1, blk.mlp.fc1.weight.shape[0]),
+                fc2_w=f32(blk.mlp.fc2.weight), fc2_b=bias_or_zeros(blk.mlp.fc2, blk.mlp.fc2.weight.shape[0]))
             rel = relative_index(ws)
             if not torch.equal(a.relative_position_index.cpu().long(), torch.from_numpy(rel)):
                 raise ValueError(f"layers.{s}: relative_position_index differs from the expected layout")
             blocks.append(SwinBlockParams(
-                p=bp, heads=int(a.num_heads), window=ws, shift=sh, rpb_table=_f32(a.relative_position_bias_table),
+                p=bp, heads=int(a.num_heads), window=ws, shift=sh, rpb_table=f32(a.relative_position_bias_table),
                 tokens=torch.from_numpy(window_tokens(*grid, ws, sh)), rel_index=torch.from_numpy(rel),
                 mask=torch.from_numpy(shift_mask(*grid, ws, sh).astype(bool))))
         stages.append(StageParams(merge=merge, blocks=blocks, grid=grid, dim=D))
     _same_eps(eps, model.norm)
     return SwinParams(
-        patch_w=_f32(W / (255.0 * std64)), patch_b=_f32(b - (W * (mean64 / std64)).sum(dim=(1, 2, 3))),
-        pnorm_w=_w32(model.patch_embed.norm, W.shape[0]), pnorm_b=_b32(model.patch_embed.norm, W.shape[0]),
-        stages=stages, norm_w=_w32(model.norm, D), norm_b=_b32(model.norm, D),
-        head_w=_f32(model.head.fc.weight), head_b=_b32(model.head.fc, model.head.fc.weight.shape[0]),
+        patch_w=f32(W / (255.0 * std64)), patch_b=f32(b - (W * (mean64 / std64)).sum(dim=(1, 2, 3))),
+        pnorm_w=ln_weight(model.patch_embed.norm, W.shape[0]),
+        pnorm_b=bias_or_zeros(model.patch_embed.norm, W.shape[0]),
+        stages=stages, norm_w=ln_weight(model.norm, D), norm_b=bias_or_zeros(model.norm, D),
+        head_w=f32(model.head.fc.weight), head_b=bias_or_zeros(model.head.fc, model.head.fc.weight.shape[0]),
         patch_size=p, img_size=int(img[0]), eps=eps)
 
 
@@ -296,52 +291,26 @@ def _same_eps(eps: float, ln) -> None:
 
 # ---- the float forward --------------------------------------------------------------------------
 
-def embed(params: SwinParams, images, tap: Tap = _no_tap) -> torch.Tensor:
+def embed(params: SwinParams, images, tap: Tap = no_tap) -> torch.Tensor:
     """Patch convolution + LayerNorm: raw pixels (B, 3, H, W) -> residual (B, T, C0)."""
-    x = _as_float_images(images)
-    y = F.conv2d(x, params.patch_w, params.patch_b, stride=params.patch_size).flatten(2).transpose(1, 2)
+    x = as_float_images(images)
+    y = conv_patches(x, params.patch_w, params.patch_b, params.patch_size)
     tap("patch_embed.proj", y)
     y = layer_norm(y, params.pnorm_w, params.pnorm_b, params.eps)
     tap("patch_embed.norm", y)
     return y
 
 
-def merge_tokens(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """Patch merging gather: (B, T, C) -> (B, T/4, 4C), ``y[t, k*C + c] = x[src[t, k], c]``."""
-    B, _, C = x.shape
-    return x[:, src.reshape(-1)].reshape(B, src.shape[0], 4 * C)
-
-
 def window_attention_core(q, k, v, heads: int, tokens: torch.Tensor, bias: torch.Tensor,
                           mask: torch.Tensor | None, prefix: str, hook: Hook = identity_hook,
                           mask_value: float = MASK_FILL) -> torch.Tensor:
-    """Window attention on natural-order q, k, v (B, T, D): gather windows through ``tokens`` (nW, n),
-    softmax(q k^T / sqrt(d) + bias (H, n, n) + mask) v per window and head, scatter back.
-
-    ``mask`` (nW, n, n) bool: masked scores get ``mask_value`` added (timm: -100), or are removed
-    (probability exactly 0) when ``mask_value`` is ``-inf``."""
-    B, T, D = q.shape
-    nW, n = tokens.shape
-    d = D // heads
-    idx = tokens.reshape(-1)
-
-    def win(t):
-        return t[:, idx].reshape(B, nW, n, heads, d).permute(0, 1, 3, 2, 4)   # (B, nW, H, n, d)
-
-    qw, kw, vw = win(q), win(k), win(v)
-    s = (qw @ kw.transpose(-2, -1)) * (d ** -0.5) + bias
-    if mask is not None and bool(mask.any()):
-        m = mask[None, :, None]
-        s = s.masked_fill(m, float("-inf")) if math.isinf(mask_value) else s + m.to(s.dtype) * mask_value
-    probs = hook(f"{prefix}.probs", s.softmax(dim=-1))
-    o = (probs @ vw).permute(0, 1, 3, 2, 4).reshape(B, nW * n, D)
-    out = torch.empty_like(o)
-    out[:, idx] = o
-    return out
+    """``reference.functional.window_attention`` with the probabilities hooked as ``{prefix}.probs``."""
+    return window_attention(q, k, v, heads, tokens, bias, mask, lambda probs: hook(f"{prefix}.probs", probs),
+                            mask_value)
 
 
 def block_forward(sb: SwinBlockParams, x: torch.Tensor, pre: str, eps: float,
-                  hook: Hook = identity_hook, tap: Tap = _no_tap, bias: torch.Tensor | None = None,
+                  hook: Hook = identity_hook, tap: Tap = no_tap, bias: torch.Tensor | None = None,
                   mask_value: float = MASK_FILL) -> torch.Tensor:
     """One Swin block on the residual (B, T, C); ``bias`` (H, n, n) overrides the float bias."""
     rpb = sb.rpb if bias is None else bias
@@ -350,20 +319,20 @@ def block_forward(sb: SwinBlockParams, x: torch.Tensor, pre: str, eps: float,
 
 
 def merge_forward(mp: MergeParams, x: torch.Tensor, pre: str, eps: float, hook: Hook = identity_hook,
-                  tap: Tap = _no_tap) -> torch.Tensor:
+                  tap: Tap = no_tap) -> torch.Tensor:
     """Patch merging: gather, LayerNorm over 4C (hooked), reduction (tapped)."""
     y = hook(f"{pre}.norm", layer_norm(merge_tokens(x, mp.src), mp.norm_w, mp.norm_b, eps))
-    r = F.linear(y, mp.red_w, mp.red_b)
+    r = linear(y, mp.red_w, mp.red_b)
     tap(f"{pre}.reduction", r)
     return r
 
 
-def head_forward(params: SwinParams, x: torch.Tensor, hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:
+def head_forward(params: SwinParams, x: torch.Tensor, hook: Hook = identity_hook, tap: Tap = no_tap) -> torch.Tensor:
     """Final LayerNorm (all tokens), average pool (hooked head input), classifier: -> logits (B, C)."""
     y = layer_norm(x, params.norm_w, params.norm_b, params.eps)
     tap("norm", y)
-    pooled = hook("head.pool", y.mean(dim=1, keepdim=True))
-    logits = F.linear(pooled, params.head_w, params.head_b)
+    pooled = hook("head.pool", token_pool(y))
+    logits = linear(pooled, params.head_w, params.head_b)
     tap("head", logits)
     return logits[:, 0]
 
@@ -372,7 +341,7 @@ def head_forward(params: SwinParams, x: torch.Tensor, hook: Hook = identity_hook
 def forward(params: SwinParams, images, hook: Hook | None = None, tap: Tap | None = None) -> torch.Tensor:
     """Logits (B, classes) float32 of raw-pixel images (B, 3, H, W); hooks as in the module docstring."""
     hook = hook or identity_hook
-    tap = tap or _no_tap
+    tap = tap or no_tap
     x = embed(params, images, tap)
     for s, st in enumerate(params.stages):
         if st.merge is not None:
@@ -393,65 +362,3 @@ def point_names(params: SwinParams) -> list[str]:
             names += [f"{p}.norm1", f"{p}.attn.q", f"{p}.attn.k", f"{p}.attn.v", f"{p}.attn.probs",
                       f"{p}.attn.core", f"{p}.norm2", f"{p}.mlp.gelu"]
     return names + ["head.pool"]
-
-
-# ---- fake quantization from a program ----------------------------------------------------------
-
-class FakeQuantSwin(FakeQuantViT):
-    """The fake-quant model of a Swin program (``model.arch == "swin"``).
-
-    As :class:`reference.vit.FakeQuantViT` (float weights, float LayerNorm / softmax / GELU / adds,
-    quantize-dequantize at ``codes`` values and at the post-softmax probabilities), plus the Swin op
-    types read from the program: ``patchify`` (layout), ``patch_merge`` (gather through ``src``),
-    ``window_attention`` (windows through ``tokens``; the integer bias table dequantized with the
-    score unit ``s_q s_k 2^-score_frac / sqrt(d)``, so the bias is the quantized one; masked
-    positions get probability exactly 0), ``token_pool`` (mean over tokens).
-    """
-
-    def __init__(self, program):
-        super().__init__(program)
-        self._win: dict[str, dict[str, torch.Tensor]] = {}
-        for op in program.ops:
-            name, typ, a = op["name"], op["type"], op["attrs"]
-            if typ == "window_attention":
-                from intsim.program.quantizers import from_dict
-                self._sq[name] = from_dict(a["softmax_quant"])
-                vq, vk = program.values[op["inputs"][0]], program.values[op["inputs"][1]]
-                D = vq["shape"][-1]
-                d = D // int(a["heads"])
-                unit = float(vq["scale"]) * float(vk["scale"]) * 2.0 ** -int(a["score_frac"]) / math.sqrt(d)
-                rel = torch.from_numpy(program.t(op, "rel_index").astype(np.int64))
-                n = rel.shape[0]
-                table = torch.from_numpy(program.t(op, "bias_table").astype(np.float64) * unit)   # (H, R)
-                bias = table[:, rel.reshape(-1)].reshape(-1, n, n).to(torch.float32)
-                self._win[name] = {"tokens": torch.from_numpy(program.t(op, "tokens").astype(np.int64)),
-                                   "bias": bias,
-                                   "mask": torch.from_numpy(program.t(op, "mask").astype(bool))}
-            elif typ == "patch_merge":
-                self._win[name] = {"src": torch.from_numpy(program.t(op, "src").astype(np.int64))}
-
-    def _run(self, op, env) -> torch.Tensor:
-        name, typ, a = op["name"], op["type"], op["attrs"]
-        ins = [env[i] for i in op["inputs"]]
-        if typ == "patchify":
-            p = int(a["patch"])
-            x = ins[0]
-            B, C, H, W = x.shape
-            return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
-        if typ == "patch_merge":
-            return merge_tokens(ins[0], self._win[name]["src"])
-        if typ == "window_attention":
-            w = self._win[name]
-            sq = self._sq[name]
-            return window_attention_core(*ins, int(a["heads"]), w["tokens"], w["bias"], w["mask"], name,
-                                         lambda _n, pr: sq.quantize_torch(pr), mask_value=float("-inf"))
-        if typ == "token_pool":
-            return ins[0].mean(dim=1, keepdim=True)
-        return super()._run(op, env)
-
-
-def fake_quant_model(program):
-    """The fake-quant model of any program: :class:`FakeQuantSwin` for ``arch == "swin"``, else FakeQuantViT."""
-    if program.model.get("arch") == "swin":
-        return FakeQuantSwin(program)
-    return FakeQuantViT(program)

@@ -1,6 +1,4 @@
-"""Functional ViT forward in torch float32, and the fake-quant model built from a program file.
-
-Two models live here:
+"""Functional ViT forward in torch float32: the float model of a timm ``VisionTransformer``.
 
 * :func:`forward` -- the float model of a timm ``VisionTransformer`` (deit_* / vit_* with a class
   token, token pooling, absolute position embedding) written out op by op, with a ``hook``
@@ -8,11 +6,9 @@ Two models live here:
   :func:`params_from_timm`) take **raw pixels** 0..255: the input normalization is folded into
   the patch-embedding weights and the class token into row 0 of the position table. With the
   identity hook it equals ``model((images/255 - mean)/std)`` to float tolerance.
-* :class:`FakeQuantViT` -- the paper's fake-quant semantics, built purely from a
-  ``intsim.program.format.Program``: float weights ``w * w_scale``, float biases, float LayerNorm /
-  softmax / GELU / residual adds, and quantize-dequantize exactly at the program's ``codes``
-  values (uniform, with the value table's scale / zero point / bits) and at the post-softmax
-  probabilities (the attention op's ``softmax_quant`` quantizer: encode, then ``levels``).
+
+The fake-quant model of a program (ViT or Swin) is ``reference.fakequant.FakeQuantModel``; the
+float pieces shared with it and with ``reference.swin`` are in ``reference.functional``.
 
 Quantized points (hook names, ``i`` = block index): ``blocks.i.norm1`` (LN1 output = q/k/v
 input), ``blocks.i.attn.q`` / ``.k`` / ``.v`` (linear outputs, before the 1/sqrt(d) scale),
@@ -30,20 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-Hook = Callable[[str, torch.Tensor], torch.Tensor]
-Tap = Callable[[str, torch.Tensor], None]
-
-
-def identity_hook(name: str, x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _no_tap(name: str, x: torch.Tensor) -> None:
-    return None
+from .functional import (Hook, Tap, as_float_images, attention, bias_or_zeros, f32, f64, gelu, identity_hook,
+                         layer_norm, linear, ln_weight, no_tap, patch_embed)
+from .functional import fake_quant_uniform  # noqa: F401  (re-exported: calib imports it from here)
 
 
 # ---- parameters ------------------------------------------------------------------------
@@ -116,14 +103,6 @@ class ViTParams:
                        head_w=self.head_w.clone(), head_b=self.head_b.clone(), extra=dict(self.extra))
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().to(torch.float32).clone()
-
-
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().to(torch.float64)
-
-
 def _check_supported(model) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -173,19 +152,9 @@ def _check_supported(model) -> None:
         raise ValueError("unsupported VisionTransformer features: " + "; ".join(dict.fromkeys(problems)))
 
 
-def _w32(mod, n: int) -> torch.Tensor:
-    """Weight of a LayerNorm (ones when it has no affine)."""
-    return _f32(mod.weight) if getattr(mod, "weight", None) is not None else torch.ones(n)
-
-
-def _b32(mod, n: int) -> torch.Tensor:
-    """Bias of a Linear / LayerNorm (zeros when it has none)."""
-    return _f32(mod.bias) if getattr(mod, "bias", None) is not None else torch.zeros(n)
-
-
 def _layerscale(mod) -> torch.Tensor | None:
     g = getattr(mod, "gamma", None)
-    return None if g is None else _f64(g)
+    return None if g is None else f64(g)
 
 
 def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTParams:
@@ -199,15 +168,15 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTP
     mean64 = torch.tensor([float(m) for m in mean], dtype=torch.float64).view(1, 3, 1, 1)
     std64 = torch.tensor([float(s) for s in std], dtype=torch.float64).view(1, 3, 1, 1)
     conv = model.patch_embed.proj
-    W = _f64(conv.weight)
-    b = _f64(conv.bias) if conv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    W = f64(conv.weight)
+    b = f64(conv.bias) if conv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
     p = int(conv.kernel_size[0])
     if tuple(conv.kernel_size) != (p, p) or tuple(conv.stride) != (p, p) or W.shape[1] != 3:
         raise ValueError("patch embedding must be a square stride-p convolution over 3 channels")
     patch_w = W / (255.0 * std64)
     patch_b = b - (W * (mean64 / std64)).sum(dim=(1, 2, 3))
-    pos = _f64(model.pos_embed)[0].clone()
-    pos[0] = pos[0] + _f64(model.cls_token)[0, 0]
+    pos = f64(model.pos_embed)[0].clone()
+    pos[0] = pos[0] + f64(model.cls_token)[0, 0]
     img = model.patch_embed.img_size
     img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
     if img[0] != img[1]:
@@ -217,12 +186,12 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTP
     eps = None
     for blk in model.blocks:
         D = W.shape[0]
-        qkv_w = _f64(blk.attn.qkv.weight)
-        qkv_b = _f64(blk.attn.qkv.bias) if blk.attn.qkv.bias is not None else torch.zeros(3 * D, dtype=torch.float64)
-        pw = _f64(blk.attn.proj.weight)
-        pb = _f64(blk.attn.proj.bias) if blk.attn.proj.bias is not None else torch.zeros(pw.shape[0], dtype=torch.float64)
-        f2w = _f64(blk.mlp.fc2.weight)
-        f2b = _f64(blk.mlp.fc2.bias) if blk.mlp.fc2.bias is not None else torch.zeros(f2w.shape[0], dtype=torch.float64)
+        qkv_w = f64(blk.attn.qkv.weight)
+        qkv_b = f64(blk.attn.qkv.bias) if blk.attn.qkv.bias is not None else torch.zeros(3 * D, dtype=torch.float64)
+        pw = f64(blk.attn.proj.weight)
+        pb = f64(blk.attn.proj.bias) if blk.attn.proj.bias is not None else torch.zeros(pw.shape[0], dtype=torch.float64)
+        f2w = f64(blk.mlp.fc2.weight)
+        f2b = f64(blk.mlp.fc2.bias) if blk.mlp.fc2.bias is not None else torch.zeros(f2w.shape[0], dtype=torch.float64)
         g1, g2 = _layerscale(blk.ls1), _layerscale(blk.ls2)
         if g1 is not None:
             pw, pb = pw * g1[:, None], pb * g1
@@ -233,89 +202,60 @@ def params_from_timm(model, mean: Sequence[float], std: Sequence[float]) -> ViTP
                 raise ValueError("all LayerNorms must share one epsilon")
             eps = ln.eps
         blocks.append(BlockParams(
-            norm1_w=_w32(blk.norm1, D), norm1_b=_b32(blk.norm1, D),
-            q_w=_f32(qkv_w[:D]), q_b=_f32(qkv_b[:D]),
-            k_w=_f32(qkv_w[D:2 * D]), k_b=_f32(qkv_b[D:2 * D]),
-            v_w=_f32(qkv_w[2 * D:]), v_b=_f32(qkv_b[2 * D:]),
-            proj_w=_f32(pw), proj_b=_f32(pb),
-            norm2_w=_w32(blk.norm2, D), norm2_b=_b32(blk.norm2, D),
-            fc1_w=_f32(blk.mlp.fc1.weight), fc1_b=_b32(blk.mlp.fc1, blk.mlp.fc1.weight.shape[0]),
-            fc2_w=_f32(f2w), fc2_b=_f32(f2b)))
+            norm1_w=ln_weight(blk.norm1, D), norm1_b=bias_or_zeros(blk.norm1, D),
+            q_w=f32(qkv_w[:D]), q_b=f32(qkv_b[:D]),
+            k_w=f32(qkv_w[D:2 * D]), k_b=f32(qkv_b[D:2 * D]),
+            v_w=f32(qkv_w[2 * D:]), v_b=f32(qkv_b[2 * D:]),
+            proj_w=f32(pw), proj_b=f32(pb),
+            norm2_w=ln_weight(blk.norm2, D), norm2_b=bias_or_zeros(blk.norm2, D),
+            fc1_w=f32(blk.mlp.fc1.weight), fc1_b=bias_or_zeros(blk.mlp.fc1, blk.mlp.fc1.weight.shape[0]),
+            fc2_w=f32(f2w), fc2_b=f32(f2b)))
     head = model.head
     if isinstance(head, torch.nn.Identity):
         raise ValueError("model has no classifier head (num_classes=0)")
     return ViTParams(
-        patch_w=_f32(patch_w), patch_b=_f32(patch_b), pos=_f32(pos), blocks=blocks,
-        norm_w=_w32(model.norm, W.shape[0]), norm_b=_b32(model.norm, W.shape[0]),
-        head_w=_f32(head.weight), head_b=_b32(head, head.weight.shape[0]),
+        patch_w=f32(patch_w), patch_b=f32(patch_b), pos=f32(pos), blocks=blocks,
+        norm_w=ln_weight(model.norm, W.shape[0]), norm_b=bias_or_zeros(model.norm, W.shape[0]),
+        head_w=f32(head.weight), head_b=bias_or_zeros(head, head.weight.shape[0]),
         num_heads=int(model.blocks[0].attn.num_heads), patch_size=p, img_size=int(img[0]),
         eps=float(model.norm.eps if eps is None else eps))
 
 
 # ---- the float forward -----------------------------------------------------------------
 
-def _as_float_images(images) -> torch.Tensor:
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-    return images.to(torch.float32)
-
-
-def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU."""
-    return F.gelu(x)
-
-
-def embed(params: ViTParams, images, tap: Tap = _no_tap) -> torch.Tensor:
+def embed(params: ViTParams, images, tap: Tap = no_tap) -> torch.Tensor:
     """Patch embedding + class token + position: raw pixels (B, 3, H, W) -> residual (B, T, D)."""
-    x = _as_float_images(images)
-    p = params.patch_size
-    y = F.conv2d(x, params.patch_w, params.patch_b, stride=p).flatten(2).transpose(1, 2)  # (B, P, D)
-    y = torch.cat([torch.zeros_like(y[:, :1]), y], dim=1) + params.pos
+    y = patch_embed(as_float_images(images), params.patch_w, params.patch_b, params.patch_size, params.pos)
     tap("patch_embed", y)
     return y
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, prefix: str,
                    hook: Hook = identity_hook) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with the probabilities hooked: (B, T, D) x3 -> (B, T, D)."""
-    B, T, D = q.shape
-    d = D // heads
-
-    def split(t):
-        return t.reshape(B, T, heads, d).transpose(1, 2)  # (B, H, T, d)
-
-    qh, kh, vh = split(q), split(k), split(v)
-    scores = (qh @ kh.transpose(-2, -1)) * (d ** -0.5)
-    probs = hook(f"{prefix}.probs", scores.softmax(dim=-1))
-    return (probs @ vh).transpose(1, 2).reshape(B, T, D)
+    """softmax(q k^T / sqrt(d)) v with the probabilities hooked as ``{prefix}.probs``: (B, T, D) x3 -> (B, T, D)."""
+    return attention(q, k, v, heads, lambda probs: hook(f"{prefix}.probs", probs))
 
 
 def transformer_block(bp: BlockParams, x: torch.Tensor, pre: str, eps: float,
                       core: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                      hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:
+                      hook: Hook = identity_hook, tap: Tap = no_tap) -> torch.Tensor:
     """A pre-norm transformer block on the residual ``x`` (B, T, D) -> (B, T, D), with its attention
     ``core(q, k, v)`` given (global attention here, window attention in reference/swin.py);
     quantized points are hooked and integer-valued points tapped under the prefix ``pre``."""
     n1 = hook(f"{pre}.norm1", layer_norm(x, bp.norm1_w, bp.norm1_b, eps))
-    q = hook(f"{pre}.attn.q", F.linear(n1, bp.q_w, bp.q_b))
-    k = hook(f"{pre}.attn.k", F.linear(n1, bp.k_w, bp.k_b))
-    v = hook(f"{pre}.attn.v", F.linear(n1, bp.v_w, bp.v_b))
+    q = hook(f"{pre}.attn.q", linear(n1, bp.q_w, bp.q_b))
+    k = hook(f"{pre}.attn.k", linear(n1, bp.k_w, bp.k_b))
+    v = hook(f"{pre}.attn.v", linear(n1, bp.v_w, bp.v_b))
     a = hook(f"{pre}.attn.core", core(q, k, v))
-    p = F.linear(a, bp.proj_w, bp.proj_b)
+    p = linear(a, bp.proj_w, bp.proj_b)
     tap(f"{pre}.attn.proj", p)
     x = x + p
     tap(f"{pre}.add1", x)
     n2 = hook(f"{pre}.norm2", layer_norm(x, bp.norm2_w, bp.norm2_b, eps))
-    f = F.linear(n2, bp.fc1_w, bp.fc1_b)
+    f = linear(n2, bp.fc1_w, bp.fc1_b)
     tap(f"{pre}.mlp.fc1", f)
     g = hook(f"{pre}.mlp.gelu", gelu(f))
-    o = F.linear(g, bp.fc2_w, bp.fc2_b)
+    o = linear(g, bp.fc2_w, bp.fc2_b)
     tap(f"{pre}.mlp.fc2", o)
     x = x + o
     tap(f"{pre}.add2", x)
@@ -323,17 +263,17 @@ def transformer_block(bp: BlockParams, x: torch.Tensor, pre: str, eps: float,
 
 
 def block_forward(bp: BlockParams, x: torch.Tensor, index: int, heads: int, eps: float,
-                  hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:
+                  hook: Hook = identity_hook, tap: Tap = no_tap) -> torch.Tensor:
     """ViT block ``index`` on the residual ``x`` (B, T, D) -> (B, T, D)."""
     pre = f"blocks.{index}"
     return transformer_block(bp, x, pre, eps, lambda q, k, v: attention_core(q, k, v, heads, f"{pre}.attn", hook),
                              hook, tap)
 
 
-def head_forward(params: ViTParams, x: torch.Tensor, hook: Hook = identity_hook, tap: Tap = _no_tap) -> torch.Tensor:
+def head_forward(params: ViTParams, x: torch.Tensor, hook: Hook = identity_hook, tap: Tap = no_tap) -> torch.Tensor:
     """Final LayerNorm of the class token and the classifier: (B, T, D) -> logits (B, C)."""
     h = hook("norm", layer_norm(x[:, :1], params.norm_w, params.norm_b, params.eps))  # (B, 1, D)
-    logits = F.linear(h, params.head_w, params.head_b)
+    logits = linear(h, params.head_w, params.head_b)
     tap("head", logits)
     return logits[:, 0]
 
@@ -346,7 +286,7 @@ def forward(params: ViTParams, images, hook: Hook | None = None, tap: Tap | None
     its return value is used downstream; ``tap(name, tensor)`` observes the integer-valued points.
     """
     hook = hook or identity_hook
-    tap = tap or _no_tap
+    tap = tap or no_tap
     x = embed(params, images, tap)
     for i, bp in enumerate(params.blocks):
         x = block_forward(bp, x, i, params.num_heads, params.eps, hook, tap)
@@ -361,116 +301,3 @@ def point_names(depth: int) -> list[str]:
         names += [f"{p}.norm1", f"{p}.attn.q", f"{p}.attn.k", f"{p}.attn.v", f"{p}.attn.probs",
                   f"{p}.attn.core", f"{p}.norm2", f"{p}.mlp.gelu"]
     return names + ["norm"]
-
-
-# ---- fake quantization -----------------------------------------------------------------
-
-def fake_quant_uniform(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
-    """Quantize-dequantize: ``scale * (clamp(floor(x/scale + 1/2) + zp, 0, 2^b - 1) - zp)`` (x's dtype)."""
-    q = x / scale
-    return q.add_(0.5).floor_().add_(zero_point).clamp_(0, (1 << int(bits)) - 1).sub_(zero_point).mul_(scale)
-
-
-class FakeQuantViT:
-    """The fake-quant model of a program: float arithmetic, quantize-dequantize at ``codes`` values.
-
-    Built only from the program (``intsim.program.format.Program``): per op, float weights
-    ``w * w_scale`` and ``bias_float`` (linear, patch_embed), ``pos_float``, LayerNorm ``gamma`` /
-    ``beta`` (after reparameterization) with the model's ``ln_eps``, and the attention op's
-    ``softmax_quant``. ``int`` values (residual stream, GELU input, logits) stay float.
-
-    Two variants, for measuring how sensitive a quantized model is to perturbations far below one
-    step of its quantizers (``intsim sensitivity``): ``dtype=torch.float64`` runs the same
-    arithmetic in double precision; ``int_grid=True`` also rounds every ``int`` value to the grid
-    the integer program stores it on (its ``scale``, signed ``bits``), as the engine does, while
-    everything else stays float.
-    """
-
-    def __new__(cls, program, *args, **kwargs):
-        # a Swin program (model.arch == "swin") gets its fake-quant model, reference.swin.FakeQuantSwin
-        if cls is FakeQuantViT and program.model.get("arch") == "swin":
-            from reference.swin import FakeQuantSwin
-            cls = FakeQuantSwin
-        return super().__new__(cls)
-
-    def __init__(self, program, probs_transform: Hook | None = None, *, dtype: torch.dtype = torch.float32,
-                 int_grid: bool = False):
-        """``probs_transform(op name, probs) -> probs`` (optional) edits the float post-softmax values
-        (B, H, T, T) before the post-softmax quantizer: an experiment hook (``intsim clipping``)."""
-        from intsim.program.quantizers import from_dict
-
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
-        self.program = program
-        self.probs_transform = probs_transform
-        self.dtype = dtype
-        self.int_grid = bool(int_grid)
-        self.eps = float(program.model.get("ln_eps", 1e-6))
-        self._t: dict[str, torch.Tensor] = {}
-        self._sq = {}
-        for op in program.ops:
-            name, typ = op["name"], op["type"]
-            if typ in ("linear", "patch_embed"):
-                w = program.t(op, "w").astype(np.float64) * program.t(op, "w_scale")[:, None]
-                if typ == "patch_embed":
-                    p = int(op["attrs"]["patch"])
-                    w = w.reshape(w.shape[0], 3, p, p)
-                    self._t[f"{name}.pos"] = torch.from_numpy(program.t(op, "pos_float").astype(np.float32))
-                self._t[f"{name}.w"] = torch.from_numpy(w.astype(np.float32))
-                self._t[f"{name}.b"] = torch.from_numpy(program.t(op, "bias_float").astype(np.float32))
-            elif typ == "layernorm":
-                self._t[f"{name}.gamma"] = torch.from_numpy(program.t(op, "gamma").astype(np.float32))
-                self._t[f"{name}.beta"] = torch.from_numpy(program.t(op, "beta").astype(np.float32))
-            elif typ == "attention":
-                self._sq[name] = from_dict(op["attrs"]["softmax_quant"])
-        self._t = {k: v.to(dtype) for k, v in self._t.items()}
-
-    def _out(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        v = self.program.values[name]
-        if v["kind"] == "codes":
-            return fake_quant_uniform(x, float(v["scale"]), int(v["zero_point"]), int(v["bits"]))
-        if self.int_grid and v["kind"] == "int":
-            b = int(v["bits"])     # signed: codes -2^(b-1) .. 2^(b-1) - 1, i.e. unsigned with zero point 2^(b-1)
-            return fake_quant_uniform(x, float(v["scale"]), 1 << (b - 1), b)
-        return x
-
-    def _run(self, op, env) -> torch.Tensor:
-        name, typ, a = op["name"], op["type"], op["attrs"]
-        ins = [env[i] for i in op["inputs"]]
-        t = self._t
-        if typ == "patch_embed":
-            p = int(a["patch"])
-            y = F.conv2d(ins[0], t[f"{name}.w"], t[f"{name}.b"], stride=p).flatten(2).transpose(1, 2)
-            return torch.cat([torch.zeros_like(y[:, :1]), y], dim=1) + t[f"{name}.pos"]
-        if typ == "layernorm":
-            x = ins[0][:, :1] if a["tokens"] == "first" else ins[0]
-            return layer_norm(x, t[f"{name}.gamma"], t[f"{name}.beta"], self.eps)
-        if typ == "linear":
-            return F.linear(ins[0], t[f"{name}.w"], t[f"{name}.b"])
-        if typ == "attention":
-            sq, edit = self._sq[name], self.probs_transform
-            return attention_core(*ins, int(a["heads"]), name,
-                                  lambda _n, pr: sq.quantize_torch(pr if edit is None else edit(name, pr)))
-        if typ == "gelu":
-            return gelu(ins[0])
-        if typ == "add":
-            return ins[0] + ins[1]
-        raise ValueError(f"op '{name}' has unknown type {typ!r}")
-
-    @torch.no_grad()
-    def forward(self, images, tap: Tap | None = None, batch_size: int = 64) -> torch.Tensor:
-        """Float logits (B, C) of uint8 images (B, 3, H, W); ``tap(value name, tensor)`` sees every value."""
-        x = _as_float_images(images).to(self.dtype)
-        outs = []
-        for s in range(0, x.shape[0], batch_size):
-            env = {self.program.header["inputs"][0]: x[s:s + batch_size]}
-            for op in self.program.ops:
-                y = self._out(op["output"], self._run(op, env))
-                env[op["output"]] = y
-                if tap is not None:
-                    tap(op["output"], y)
-            out = env[self.program.output]
-            outs.append(out.reshape(out.shape[0], -1))
-        return torch.cat(outs, dim=0)
-
-    __call__ = forward

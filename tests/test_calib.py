@@ -15,7 +15,8 @@ from intsim.program.fixedpoint import requant, requant_array, rshift
 from calib.uniform import params_from_range, qdq, quantize_weight, search_activation
 from intsim.program import format as pf
 from intsim.program.quantizers import from_dict
-from reference.vit import FakeQuantViT, forward, params_from_timm, point_names
+from reference.fakequant import FakeQuantModel
+from reference.vit import forward, params_from_timm, point_names
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -288,7 +289,7 @@ def test_fake_quant_8bit_close_to_float(mini_program):
     m, prog = mini_program
     imgs = _images(16, seed=7)
     ref = forward(params_from_timm(m, MEAN, STD), imgs)
-    out = FakeQuantViT(prog)(imgs)
+    out = FakeQuantModel(prog)(imgs)
     assert out.shape == (16, 5)
     assert _cos(out, ref) > 0.99
 
@@ -299,7 +300,7 @@ def test_fake_quant_8bit_close_to_float_cifar_size():
     imgs = _images(16, seed=5)
     prog = calibrate(m, imgs, MEAN, STD, CalibConfig(wbits=8, abits=8), progress=False)
     test = _images(8, seed=6)
-    assert _cos(FakeQuantViT(prog)(test), forward(params_from_timm(m, MEAN, STD), test)) > 0.99
+    assert _cos(FakeQuantModel(prog)(test), forward(params_from_timm(m, MEAN, STD), test)) > 0.99
 
 
 def test_calibration_is_deterministic(tmp_path):
@@ -313,7 +314,7 @@ def test_calibration_is_deterministic(tmp_path):
 
 
 def test_calibration_path_matches_fake_quant_model():
-    """The fake-quant path calibration feeds forward (sequential mode) is FakeQuantViT's semantics."""
+    """The fake-quant path calibration feeds forward (sequential mode) is FakeQuantModel's semantics."""
     from calib.common import quantized_block_forward
     from calib.vit import build_program, calibrate_params
 
@@ -324,7 +325,7 @@ def test_calibration_path_matches_fake_quant_model():
     mc = calibrate_params(params, imgs, cfg, cfg.resolved_settings(), progress=False)
     prog = build_program(mc, cfg.resolved_settings(), {})
     seen = {}
-    FakeQuantViT(prog)(imgs, tap=lambda n, x: seen.__setitem__(n, x))
+    FakeQuantModel(prog)(imgs, tap=lambda n, x: seen.__setitem__(n, x))
     r = seen["patch_embed"]
     for i, bc in enumerate(mc.blocks):
         r = quantized_block_forward(bc, r, i, params.num_heads, params.eps)
@@ -336,7 +337,7 @@ def test_float_path_calibration(tmp_path):
     prog = calibrate(m, _images(8, seed=11), MEAN, STD, CalibConfig(wbits=8, abits=8, sequential=False), progress=False)
     pf.save(prog, tmp_path / "f.intsim")
     imgs = _images(8, seed=12)
-    assert _cos(FakeQuantViT(pf.load(tmp_path / "f.intsim"))(imgs), forward(params_from_timm(m, MEAN, STD), imgs)) > 0.99
+    assert _cos(FakeQuantModel(pf.load(tmp_path / "f.intsim"))(imgs), forward(params_from_timm(m, MEAN, STD), imgs)) > 0.99
 
 
 def test_calibration_rejects_bad_images():
@@ -352,7 +353,7 @@ def test_golden_model_agrees_with_fake_quant(mini_program):
     m, prog = mini_program
     imgs = _images(6, seed=9)
     res = golden.run(prog, imgs)
-    fq = FakeQuantViT(prog)(imgs).numpy()
+    fq = FakeQuantModel(prog)(imgs).numpy()
     assert _cos(res.logits * res.scale, fq) > 0.99
 
 
@@ -361,7 +362,7 @@ def test_golden_model_agrees_with_fake_quant(mini_program):
 @pytest.mark.parametrize("rule", ["mosf", "mean"])
 def test_state_fake_quant_logits_equal_program_fake_quant(rule):
     """calib.vit.fakequant_logits (the state's fake-quant model, which the 'channel' rule is
-    evaluated with) equals FakeQuantViT of the program exported from the same state."""
+    evaluated with) equals FakeQuantModel of the program exported from the same state."""
     from calib.vit import build_program, calibrate_params, fakequant_logits
 
     m = _mini(seed=5)
@@ -373,7 +374,7 @@ def test_state_fake_quant_logits_equal_program_fake_quant(rule):
     prog = build_program(mc, cfg.resolved_settings(), {})
     with torch.no_grad():
         got = fakequant_logits(mc, params, imgs)
-    torch.testing.assert_close(got, FakeQuantViT(prog)(imgs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, FakeQuantModel(prog)(imgs), rtol=1e-5, atol=1e-5)
 
 
 def test_channel_rule_quantizes_each_post_ln_channel_on_its_own():
@@ -412,7 +413,7 @@ def test_architecture_registry_dispatches_vit():
     assert arch is archs.VIT and arch.supports("reconstruction") and arch.title == "ViT / DeiT"
     prog = calibrate(model, _images(4), MEAN, STD, CalibConfig(), progress=False)
     assert archs.for_program(prog) is archs.VIT and prog.header["export"] == {"bias_saturated": {}}
-    assert isinstance(arch.fakequant_model(prog), FakeQuantViT)
+    assert isinstance(arch.fakequant_model(prog), FakeQuantModel)
     with pytest.raises(ValueError, match="unsupported model Linear"):
         archs.for_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown architecture 'convnet'"):

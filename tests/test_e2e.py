@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from calib import CalibConfig, calibrate
 from intsim.engine import Engine
 from reference.golden import run as golden_run
-from reference.vit import FakeQuantViT
+from reference.fakequant import FakeQuantModel
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -83,7 +83,7 @@ def test_fakequant_tracks_engine_at_8_bits():
     prog = calibrate(model, images(16, seed=1), MEAN, STD, CalibConfig(wbits=8, abits=8), progress=False)
     x = images(8, seed=7)
     e = Engine(prog).run(x)
-    fq = FakeQuantViT(prog)(x)
+    fq = FakeQuantModel(prog)(x)
     fq = np.asarray(fq.detach() if isinstance(fq, torch.Tensor) else fq, dtype=np.float64)
     el = e.logits * e.scale
     cos = (el * fq).sum(1) / (np.linalg.norm(el, axis=1) * np.linalg.norm(fq, axis=1))

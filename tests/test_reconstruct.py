@@ -168,7 +168,7 @@ def test_sweep_keys_reconstructed_points_apart():
 # ---- the pieces ------------------------------------------------------------------------------
 
 def test_lsq_fake_quant_values_and_gradients():
-    from reference.vit import fake_quant_uniform
+    from reference.functional import fake_quant_uniform
     torch.manual_seed(0)
     x = (torch.randn(4000) * 3).requires_grad_()
     s = torch.tensor(0.37, requires_grad=True)

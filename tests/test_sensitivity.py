@@ -60,13 +60,13 @@ def small_program():
 
 
 def test_fakequant_siblings(small_program):
-    from reference.vit import FakeQuantViT
+    from reference.fakequant import FakeQuantModel
     prog = small_program
     shape = prog.values[prog.header["inputs"][0]]["shape"]
     x = np.random.default_rng(0).integers(0, 256, (4, *shape), dtype=np.uint8)
-    base = FakeQuantViT(prog)(x)
-    f64 = FakeQuantViT(prog, dtype=torch.float64)(x)
-    grid = FakeQuantViT(prog, int_grid=True)(x)
+    base = FakeQuantModel(prog)(x)
+    f64 = FakeQuantModel(prog, dtype=torch.float64)(x)
+    grid = FakeQuantModel(prog, int_grid=True)(x)
     assert base.dtype == torch.float32 and f64.dtype == torch.float64
     assert torch.allclose(f64.float(), base, rtol=1e-3, atol=1e-3 * float(base.abs().max()))
     # the output ("int" logits) of the int-grid sibling lies on the program's logit grid
@@ -74,7 +74,7 @@ def test_fakequant_siblings(small_program):
     q = grid.double() / float(v["scale"])
     assert torch.allclose(q, q.round(), atol=1e-6)
     with pytest.raises(ValueError, match="dtype"):
-        FakeQuantViT(prog, dtype=torch.float16)
+        FakeQuantModel(prog, dtype=torch.float16)
 
 
 def test_sensitivity_command(capsys, tmp_path):

@@ -17,7 +17,7 @@ from intsim.ops.window_attention import window_probabilities
 from intsim.program.format import ProgramError, Program, validate
 from reference import golden
 from reference import swin as S
-from reference.vit import FakeQuantViT
+from reference.fakequant import FakeQuantModel
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.3, 0.2)
 # A: 16x16 then 8x8 token grids, window 4 (shifted blocks have masks in both stages)
@@ -173,7 +173,7 @@ def test_swin_program_header_and_architecture_entry():
     assert prog.header["export"] == {"bias_saturated": {}}
     assert archs.for_program(prog) is archs.SWIN is archs.for_model(tiny_swin(CFG_A))
     assert not archs.SWIN.supports("reconstruction")
-    assert isinstance(archs.SWIN.fakequant_model(prog), S.FakeQuantSwin)
+    assert isinstance(archs.SWIN.fakequant_model(prog), FakeQuantModel)
     # a narrow accumulator saturates some biases at export: the header says which (it used not to)
     narrow = program("A", 8, settings={"acc_bits": 18})
     sat = narrow.header["export"]["bias_saturated"]
@@ -205,8 +205,7 @@ def test_narrow_accumulator_counts_saturation_bit_exact():
 
 def test_fakequant_swin_tracks_engine_at_8_bits():
     prog = program("A", 8)
-    fq = FakeQuantViT(prog)
-    assert isinstance(fq, S.FakeQuantSwin)
+    fq = FakeQuantModel(prog)
     x = images(6, seed=7)
     e = Engine(prog).run(x)
     f = fq(x).double().numpy()

@@ -42,7 +42,12 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_forward(ctx, op, a, b):
+    """Float residual add."""
+    return ctx.F.add(a, b)
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

@@ -108,7 +108,17 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_prepare(ctx, op) -> dict:
+    """The post-softmax function: the experiment's edit (if any), then the ``softmax_quant`` quantizer."""
+    return {"probs": ctx.post_softmax(op)}
+
+
+def fq_forward(ctx, op, q, k, v):
+    """Float softmax(q k^T / sqrt(d)) v per head, probabilities quantized: (B, T, D) x3 -> (B, T, D)."""
+    return ctx.F.attention(q, k, v, int(op["attrs"]["heads"]), ctx.params[op["name"]]["probs"])
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

@@ -49,7 +49,12 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_forward(ctx, op, x):
+    """Float (erf) GELU."""
+    return ctx.F.gelu(x)
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

@@ -85,7 +85,21 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_prepare(ctx, op) -> dict:
+    """The (reparameterized) affine ``gamma``, ``beta``."""
+    t = ctx.program.t
+    return {"gamma": ctx.tensor(t(op, "gamma")), "beta": ctx.tensor(t(op, "beta"))}
+
+
+def fq_forward(ctx, op, x):
+    """Float LayerNorm with the model's epsilon, of every token or (``tokens == "first"``) the first."""
+    p = ctx.params[op["name"]]
+    if op["attrs"]["tokens"] == "first":
+        x = x[:, :1]
+    return ctx.F.layer_norm(x, p["gamma"], p["beta"], ctx.eps)
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

@@ -94,7 +94,20 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_prepare(ctx, op) -> dict:
+    """Float weight ``w * w_scale`` (N, K) and ``bias_float``."""
+    t = ctx.program.t
+    return {"w": ctx.tensor(t(op, "w").astype(np.float64) * t(op, "w_scale")[:, None]),
+            "b": ctx.tensor(t(op, "bias_float"))}
+
+
+def fq_forward(ctx, op, x):
+    """``x w^T + b`` on (B, T, K) -> (B, T, N)."""
+    p = ctx.params[op["name"]]
+    return ctx.F.linear(x, p["w"], p["b"])
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

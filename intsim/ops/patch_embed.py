@@ -69,7 +69,21 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_prepare(ctx, op) -> dict:
+    """Float convolution weight ``w * w_scale`` as (N, 3, p, p), ``bias_float`` and ``pos_float``."""
+    t, p = ctx.program.t, int(op["attrs"]["patch"])
+    w = t(op, "w").astype(np.float64) * t(op, "w_scale")[:, None]
+    return {"w": ctx.tensor(w.reshape(w.shape[0], 3, p, p)), "b": ctx.tensor(t(op, "bias_float")),
+            "pos": ctx.tensor(t(op, "pos_float"))}
+
+
+def fq_forward(ctx, op, x):
+    """Images (B, 3, H, W) -> convolution, zero class-token row, + position: (B, T, N)."""
+    p = ctx.params[op["name"]]
+    return ctx.F.patch_embed(x, p["w"], p["b"], int(op["attrs"]["patch"]), p["pos"])
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

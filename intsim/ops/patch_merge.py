@@ -47,7 +47,17 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_prepare(ctx, op) -> dict:
+    """The gather table ``src`` (T/4, 4)."""
+    return {"src": ctx.index(ctx.program.t(op, "src"))}
+
+
+def fq_forward(ctx, op, x):
+    """2x2 neighbours concatenated: (B, T, C) -> (B, T/4, 4C)."""
+    return ctx.F.merge_tokens(x, ctx.params[op["name"]]["src"])
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

@@ -39,7 +39,12 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_forward(ctx, op, x):
+    """Images (B, 3, H, W) -> patches as channels (B, T, 3 p p) (layout only)."""
+    return ctx.F.patchify(x, int(op["attrs"]["patch"]))
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

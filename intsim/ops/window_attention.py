@@ -6,6 +6,7 @@ its cost figures.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,29 @@ def check_bounds(prog, op) -> None:
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------
-# (fake-quant)
+# ``ctx`` is a reference.fakequant.FakeQuantContext (program, dtype, eps, params, ``ctx.F`` = the float
+# functions of reference.functional); the model quantize-dequantizes the output value after the op.
+
+def fq_prepare(ctx, op) -> dict:
+    """Token table, mask, post-softmax function, and the bias: the integer table dequantized with the
+    score unit ``s_q s_k 2^-score_frac / sqrt(d)`` (so the bias is the quantized one), (H, n, n)."""
+    t, a, values = ctx.program.t, op["attrs"], ctx.program.values
+    vq, vk = values[op["inputs"][0]], values[op["inputs"][1]]
+    d = vq["shape"][-1] // int(a["heads"])
+    unit = float(vq["scale"]) * float(vk["scale"]) * 2.0 ** -int(a["score_frac"]) / math.sqrt(d)
+    rel = t(op, "rel_index").astype(np.int64)
+    n = rel.shape[0]
+    bias = (t(op, "bias_table").astype(np.float64) * unit)[:, rel.reshape(-1)].reshape(-1, n, n)
+    return {"tokens": ctx.index(t(op, "tokens")), "bias": ctx.tensor(bias), "mask": ctx.mask(t(op, "mask")),
+            "probs": ctx.post_softmax(op)}
+
+
+def fq_forward(ctx, op, q, k, v):
+    """Float window attention with the dequantized bias; masked positions get probability exactly 0;
+    probabilities quantized: (B, T, D) x3 -> (B, T, D)."""
+    p = ctx.params[op["name"]]
+    return ctx.F.window_attention(q, k, v, int(op["attrs"]["heads"]), p["tokens"], p["bias"], p["mask"],
+                                  p["probs"], mask_value=float("-inf"))
 
 
 # ---- engine: route choice, exactness proof, kernel call (called by intsim.engine) -------------

@@ -6,7 +6,7 @@ runs every row once, so slow drifts of a shared machine hit all rows alike):
 
 * ``torch f32``   the timm model, eager, under ``torch.inference_mode`` (the reference row);
 * ``torch int8``  ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear``;
-* ``fake-quant``  ``reference.vit.FakeQuantViT(program)`` on the uint8 images;
+* ``fake-quant``  ``reference.fakequant.FakeQuantModel(program)`` on the uint8 images;
 * ``golden``      ``reference.golden.run`` (numpy int64), on ``--golden-images`` images only;
 * ``engine``      ``intsim.engine.Engine(program).run`` (bit-exact integer engine).
 
@@ -311,8 +311,8 @@ def bench_model(name: str, a: argparse.Namespace, batch_sizes: list[int], repeat
             res["notes"].append(f"torch int8 row skipped ({type(e).__name__}: {str(e)[:120]})")
     if "fakequant" not in skip:
         try:
-            from reference.vit import FakeQuantViT
-            fq = FakeQuantViT(prog)
+            from reference.fakequant import FakeQuantModel
+            fq = FakeQuantModel(prog)
 
             def fakequant(B: int) -> Any:
                 with torch.inference_mode():

@@ -60,7 +60,8 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> int:
-    from reference.vit import FakeQuantViT, forward, params_from_timm
+    from reference.fakequant import FakeQuantModel
+    from reference.vit import forward, params_from_timm
     from intsim.models.zoo import DEFAULT_MODEL, load_model
 
     from .. import metrics
@@ -99,7 +100,7 @@ def run(a) -> int:
         hook = None if mode == "none" else \
             (lambda n, t, _m=mode: zero_fraction(t, a.fraction, _m) if n.endswith(".probs") else t)
         levels = (("float", lambda x, _h=hook: forward(params, x, hook=_h)),
-                  ("fakequant", FakeQuantViT(prog, probs_transform=None if mode == "none" else edit(mode))))
+                  ("fakequant", FakeQuantModel(prog, probs_transform=None if mode == "none" else edit(mode))))
         for level, model_fn in levels:
             t0 = time.perf_counter()
             with torch.inference_mode():

@@ -19,7 +19,7 @@
   hook points and taps carry the program's value names); LayerNorm outputs of the float model
   are mapped into the program's reparameterized space (``y' = gamma' (y - beta) / gamma + beta'``,
   gamma / beta of the float model, gamma' / beta' of the program), since the fake-quant model
-  and the engine compute those. Fake-quant values from ``FakeQuantViT`` (tap), engine values
+  and the engine compute those. Fake-quant values from ``FakeQuantModel`` (tap), engine values
   from ``Engine.forward(keep=True)`` as ``scale * (v - zero_point)``. A noise of exactly zero gives
   ``SQNR_CAP_DB`` with ``exact: true`` (JSON has no infinity).
 """
@@ -329,7 +329,8 @@ def layer_sqnr(program, params, images: np.ndarray, batch_size: int = 16) -> dic
     same input normalization as the program. Returns ``{"points": [...], "images": n}``; each
     point has the value name, op type, kind, bits, both SQNRs (dB) and ``exact`` flags.
     """
-    from reference.vit import FakeQuantViT, forward
+    from reference.fakequant import FakeQuantModel
+    from reference.vit import forward
 
     from ..engine import Engine
     images = np.asarray(images)
@@ -345,7 +346,7 @@ def layer_sqnr(program, params, images: np.ndarray, batch_size: int = 16) -> dic
 
     keep = {n for n, v in vals.items() if v["kind"] != "image"}
     flt = _collect(run_float, keep)
-    fq = _collect(lambda tap: FakeQuantViT(program).forward(images, tap=tap, batch_size=batch_size), keep)
+    fq = _collect(lambda tap: FakeQuantModel(program).forward(images, tap=tap, batch_size=batch_size), keep)
     eng = Engine(program)
     eng_vals: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(images), batch_size):

@@ -43,30 +43,27 @@ def hybrid_fakequant(program, integer_types):
     the engine's integer implementation. A value enters such an op as its integer code
     (``round(x / scale) + zero_point`` for codes, ``round(x / scale)`` clamped to the signed
     ``bits`` for int values) and leaves it dequantized."""
-    from reference.vit import FakeQuantViT
+    from reference.fakequant import FakeQuantModel
 
     from ..engine import run_op
 
-    class Hybrid(FakeQuantViT):
-        def _to_int(self, name, x):
-            v = self.program.values[name]
-            q = torch.round(x.double() / float(v["scale"]))
-            if v["kind"] == "codes":
-                q = q + int(v["zero_point"])
-            elif v["kind"] == "int":
-                b = int(v["bits"])
-                q = q.clamp(-(1 << (b - 1)), (1 << (b - 1)) - 1)
-            return q.to(torch.int64).numpy()
+    def to_int(name, x):
+        v = program.values[name]
+        q = torch.round(x.double() / float(v["scale"]))
+        if v["kind"] == "codes":
+            q = q + int(v["zero_point"])
+        elif v["kind"] == "int":
+            b = int(v["bits"])
+            q = q.clamp(-(1 << (b - 1)), (1 << (b - 1)) - 1)
+        return q.to(torch.int64).numpy()
 
-        def _run(self, op, env):
-            if op["type"] not in integer_types:
-                return super()._run(op, env)
-            y, _ = run_op(self.program, op, *(self._to_int(n, env[n]) for n in op["inputs"]))
-            v = self.program.values[op["output"]]
-            zp = int(v["zero_point"]) if v["kind"] == "codes" else 0
-            return torch.from_numpy((y - zp).astype(np.float64) * float(v["scale"])).to(self.dtype)
+    def integer_forward(ctx, op, *inputs):
+        y, _ = run_op(program, op, *(to_int(n, x) for n, x in zip(op["inputs"], inputs)))
+        v = program.values[op["output"]]
+        zp = int(v["zero_point"]) if v["kind"] == "codes" else 0
+        return torch.from_numpy((y - zp).astype(np.float64) * float(v["scale"])).to(ctx.dtype)
 
-    return Hybrid(program)
+    return FakeQuantModel(program, forwards={t: integer_forward for t in integer_types})
 
 
 def add_arguments(p) -> None:
@@ -82,7 +79,7 @@ def add_arguments(p) -> None:
 
 
 def run(a) -> int:
-    from reference.vit import FakeQuantViT
+    from reference.fakequant import FakeQuantModel
 
     from .. import metrics
     from ..options import calibrate_from_args, load_calib_images, transform_for, check_writable, print_report, program_and_model
@@ -112,7 +109,7 @@ def run(a) -> int:
     labels = data.labels
 
     def fq_level(integer_type=None, **kw):
-        fq = FakeQuantViT(prog, **kw) if integer_type is None else hybrid_fakequant(prog, {integer_type})
+        fq = FakeQuantModel(prog, **kw) if integer_type is None else hybrid_fakequant(prog, {integer_type})
         with torch.inference_mode():
             return np.concatenate([fq(data.images[s:s + a.batch_size]).double().numpy()
                                    for s in range(0, len(data.images), a.batch_size)])

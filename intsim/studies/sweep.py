@@ -200,7 +200,7 @@ def _float_level():
 def _run_point(p: dict) -> dict:
     from calib import CalibConfig, calibrate
     from reference.golden import run as golden_run
-    from reference.vit import FakeQuantViT
+    from reference.fakequant import FakeQuantModel
 
     from .. import evaluate as ev
     from ..engine import Engine
@@ -221,7 +221,7 @@ def _run_point(p: dict) -> dict:
                      recon_images=None if s.get("recon") is None else s["recon"].images)
     calib_s = time.perf_counter() - t0
     scale = float(prog.values[prog.output]["scale"])
-    fq = FakeQuantViT(prog)
+    fq = FakeQuantModel(prog)
     eng = Engine(prog)
     bs = a.batch_size
     levels = {
