@@ -56,6 +56,12 @@ FLOAT = {
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
+def exp_table(E: int, X: int) -> np.ndarray:
+    """The exp table of spec 4.4, int64 (2^E,): ``exp_table[j] = rnd(2^(X - j / 2^E))``."""
+    j = np.arange(1 << E, dtype=np.float64)
+    return Q.rnd(np.exp2(X - j / 2.0 ** E)).astype(np.int64)
+
+
 def softmax_constants(b, name: str, q: str, k: str, v: str, heads: int, sq,
                       score_frac: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """The attributes and tensors of the integer softmax attention (shared with
@@ -70,14 +76,12 @@ def softmax_constants(b, name: str, q: str, k: str, v: str, heads: int, sq,
     m_s, n_s = b.mult_shift(f"{name} score rescale",
                             b.sc(q) * b.sc(k) * 2.0 ** -score_frac / math.sqrt(d) * 2.0 ** E / math.log(2.0))
     m_o, n_o = b.mult_shift(f"{name} output rescale", b.sc(v) * 2.0 ** -L / b.sc(name))
-    j = np.arange(1 << E, dtype=np.float64)
-    exp_table = Q.rnd(np.exp2(X - j / 2.0 ** E)).astype(np.int64)
     lo, hi = b.out_range(name)
     attrs = {"heads": int(heads), "zp_q": b.zp(q), "zp_k": b.zp(k), "zp_v": b.zp(v),
              "score_mult": m_s, "score_shift": n_s, "exp_frac_bits": E, "exp_bits": X, "prob_bits": P,
              "recip_frac": G, "decode_bits": L, "mult": m_o, "shift": n_o, "zp": b.zp(name),
              "lo": lo, "hi": hi, "softmax_quant": sq.to_dict()}
-    tensors = {"exp_table": exp_table, "thresholds": Q.thresholds(sq, P), "decode": Q.decode_table(sq, L),
+    tensors = {"exp_table": exp_table(E, X), "thresholds": Q.thresholds(sq, P), "decode": Q.decode_table(sq, L),
                "levels": sq.levels()}
     return attrs, tensors
 

@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from intsim.ops.attention import exp_table
+from intsim.program import quantizers as Q
+from intsim.program.fixedpoint import requant
 from intsim.program.format import DEFAULT_SETTINGS, FORMAT, VERSION, Program, validate
+
+__all__ = ["exp_table", "make_program", "quant_mult", "random_images", "softmax_quant_tables"]
 
 
 def rnd(v: float) -> int:
@@ -23,55 +28,15 @@ def rnd(v: float) -> int:
 
 
 def quant_mult(M: float, B: int) -> tuple[int, int]:
-    """Spec section 2: real multiplier M > 0 -> (m, n) with M ~ m * 2^-n."""
-    assert M > 0
-    f, e = math.frexp(M)
-    m = rnd(f * 2 ** (B - 1))
-    if m == 2 ** (B - 1):
-        m, e = 2 ** (B - 2), e + 1
-    n = (B - 1) - e
-    if n > 62:
-        m = (m + (1 << (n - 63))) >> (n - 62)
-        n = 62
-    assert n >= 0, f"multiplier {M} too large for {B} bits"
-    return m, n
-
-
-def exp_table(E: int, X: int) -> np.ndarray:
-    return np.array([rnd(2.0 ** X * 2.0 ** (-j / 2 ** E)) for j in range(2 ** E)], dtype=np.int64)
-
-
-def _encoder(sq: dict[str, Any], N: int):
-    if sq["type"] == "uniform":
-        s = sq["scale"]
-        return lambda x: np.clip(np.floor(x / s + 0.5), 0, N).astype(np.int64)
-    if sq["type"] == "log2":
-        delta = sq["delta"]
-
-        def enc(x: np.ndarray) -> np.ndarray:
-            with np.errstate(divide="ignore"):
-                j = np.floor(-np.log2(x / delta) + 0.5)
-            code = np.where(j < 0, N, np.where(j > N - 1, 0, N - np.clip(j, 0, N - 1)))
-            return np.where(x == 0, 0, code).astype(np.int64)
-        return enc
-    raise ValueError(sq["type"])
+    """Spec section 2: real multiplier M > 0 -> (m, n) with M ~ m * 2^-n (the exporter's own rule)."""
+    return requant(M, B)
 
 
 def softmax_quant_tables(sq: dict[str, Any], abits: int, P: int, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(thresholds (N,), decode (N+1,), levels (N+1,)) of a post-softmax quantizer (spec 4.4, 5)."""
-    N = 2 ** abits - 1
-    enc = _encoder(sq, N)
-    codes = enc(np.arange(2 ** P, dtype=np.float64) / 2 ** P)       # monotone in p
-    assert np.all(np.diff(codes) >= 0)
-    thresholds = np.searchsorted(codes, np.arange(1, N + 1), side="left").astype(np.int64)  # 2^P when none
-    k = np.arange(N + 1, dtype=np.float64)
-    if sq["type"] == "uniform":
-        levels = k * sq["scale"]
-    else:
-        levels = sq["delta"] * 2.0 ** (-(N - k))
-        levels[0] = 0.0
-    decode = np.array([rnd(lv * 2 ** L) for lv in levels], dtype=np.int64)
-    return thresholds, decode, levels
+    """(thresholds (N,), decode (N+1,), levels (N+1,)) of a post-softmax quantizer given as
+    ``{"type": ..., <its parameters>}`` (spec 4.4, 5), by the exporter's own tables."""
+    q = Q.make(sq["type"], abits, **{k: v for k, v in sq.items() if k != "type"})
+    return Q.thresholds(q, P), Q.decode_table(q, L), q.levels()
 
 
 def _gelu(z: np.ndarray) -> np.ndarray:
