@@ -118,7 +118,7 @@ def test_unknown_op_type_is_a_program_error():
 ALLOWED = {
     "intsim.program": ("intsim.program", "intsim.ops"),
     "intsim.kernels": ("intsim.kernels", "intsim.program.program"),
-    "intsim.ops": ("intsim.ops", "intsim.kernels", "intsim.program", "reference.functional"),
+    "intsim.ops": ("intsim.ops", "intsim.kernels", "intsim.program"),
     "intsim.engine": ("intsim.engine", "intsim.ops", "intsim.kernels", "intsim.program"),
     "reference.golden": ("intsim.program.program",),
     "reference": ("reference", "intsim.program", "intsim.ops"),

@@ -1,4 +1,4 @@
-"""Test vectors (intsim/vectors.py): written from the golden model, reproduced by the engine."""
+"""Test vectors (intsim/studies/vectors.py): written from the golden model, reproduced by the engine."""
 import json
 
 import numpy as np

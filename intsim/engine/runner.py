@@ -27,7 +27,7 @@ stored as uint8 when every consuming GEMM takes the ``i8`` route (the route's pr
 saturation counts.
 Work buffers come from a pool kept between runs of the same batch shape (fresh large
 allocations page-fault). ``forward(keep=True)`` and :func:`run_op` run op by op with int64
-values (the same kernels). Other op types (e.g. the Swin ops of ``swin_ops.py``) run op by op.
+values (the same kernels). Other op types (e.g. the Swin ops of ``intsim.ops.window_attention``) run op by op.
 """
 from __future__ import annotations
 

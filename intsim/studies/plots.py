@@ -145,7 +145,7 @@ def plot_sweep(results: str | os.PathLike | list[dict], out_dir: str | os.PathLi
     result: dict[str, Any] = {"files": [], "pareto": {}}
     usable = [r for r in rows if any(_num(r.get(a[0])) is not None for a in axes)]
     if not usable:
-        raise UserError("the sweep results have no cost columns (cost.bops, cost.weight_bits): was intsim/cost.py "
+        raise UserError("the sweep results have no cost columns (cost.bops, cost.weight_bits): was intsim/studies/cost.py "
                         "importable when the sweep ran?")
     for col, mul, xlabel, fname in axes:
         fig = _figure(9, 6)
