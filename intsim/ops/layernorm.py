@@ -42,6 +42,22 @@ FLOAT = {
 
 
 # ---- export: calibration state -> program attrs and tensors (called by calib) ----------------
+def fused_constants(gm: np.ndarray, ga: np.ndarray, B: int, F: int, name: str = "layernorm"
+                    ) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(S, gmul, gadd)`` of section 4.3 for the real per-channel factors ``gm = gamma / s_y`` and
+    addends ``ga = beta / s_y`` (float64, (D,)): ``gmul = rnd(gm 2^(S-F))``, ``gadd = rnd(ga 2^S)``
+    with S the largest shift keeping ``|gmul| < 2^(B-1)`` and ``|gadd| < 2^55``."""
+    # start just above the analytic bound and walk down to the first shift that fits
+    top = float(np.abs(gm).max())
+    start = MAX_SHIFT if top == 0 else min(MAX_SHIFT, F + int(math.floor(math.log2(((1 << (B - 1)) - 1) / top))) + 1)
+    for S in range(max(start, 0), -1, -1):
+        gmul = rnd(gm * 2.0 ** (S - F))
+        gadd = rnd(ga * 2.0 ** S)
+        if np.abs(gmul).max() <= (1 << (B - 1)) - 1 and np.abs(gadd).max() < GADD_LIMIT:
+            return S, gmul.astype(np.int64), gadd.astype(np.int64)
+    raise ExportError(f"{name}: no LayerNorm shift keeps gmul below 2^{B - 1} and gadd below 2^55")
+
+
 def export(b, name: str, x: str, ln, tokens: str) -> None:
     """Append the ``layernorm`` op ``name`` reading ``x`` over ``tokens`` ("all" or "first"); the
     output value ``name`` must already be declared. ``ln``: the calibrated (reparameterized) affine,
@@ -52,17 +68,7 @@ def export(b, name: str, x: str, ln, tokens: str) -> None:
     if D > MAX_WIDTH:
         raise ExportError(f"{name}: LayerNorm width {D} > {MAX_WIDTH}")
     s_y = b.sc(name)
-    gm, ga = ln.gamma / s_y, ln.beta / s_y
-    # start just above the analytic bound and walk down to the first shift that fits
-    top = float(np.abs(gm).max())
-    start = MAX_SHIFT if top == 0 else min(MAX_SHIFT, F + int(math.floor(math.log2(((1 << (B - 1)) - 1) / top))) + 1)
-    for S in range(max(start, 0), -1, -1):
-        gmul = rnd(gm * 2.0 ** (S - F))
-        gadd = rnd(ga * 2.0 ** S)
-        if np.abs(gmul).max() <= (1 << (B - 1)) - 1 and np.abs(gadd).max() < GADD_LIMIT:
-            break
-    else:
-        raise ExportError(f"{name}: no LayerNorm shift keeps gmul below 2^{B - 1} and gadd below 2^55")
+    S, gmul, gadd = fused_constants(ln.gamma / s_y, ln.beta / s_y, B, F, name)
     lo, hi = b.out_range(name)
     attrs = {"tokens": tokens, "recip_bits": K, "norm_frac": F, "shift": S, "zp": b.zp(name), "lo": lo, "hi": hi}
     b.op(name, NAME, [x], attrs,

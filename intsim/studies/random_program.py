@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from intsim.ops.attention import exp_table
+from intsim.ops.layernorm import fused_constants
 from intsim.program import quantizers as Q
 from intsim.program.fixedpoint import requant
 from intsim.program.format import DEFAULT_SETTINGS, FORMAT, VERSION, Program, validate
@@ -113,13 +114,8 @@ def make_program(rng: np.random.Generator | int | None = None, *, embed_dim: int
         Kr, F = s["ln_recip_bits"], s["ln_norm_frac"]
         o = values[out]
         g_real = rng.uniform(0.5, 1.5, D) * (2 ** (ab - 1)) / 2.5 * np.where(rng.random(D) < 0.1, -1, 1)
-        Sh = 62
-        while Sh > 0 and max(abs(rnd(gv * 2.0 ** (Sh - F))) for gv in g_real) > 2 ** (Bm - 1) - 1:
-            Sh -= 1
-        gmul = np.array([rnd(gv * 2.0 ** (Sh - F)) for gv in g_real], np.int64)
         beta = rng.normal(0, 0.7, D)
-        gadd = np.array([rnd(bv * 2.0 ** Sh) for bv in beta], np.int64)
-        assert np.abs(gadd).max() < 2 ** 55
+        Sh, gmul, gadd = fused_constants(g_real, beta, Bm, F, name)
         lo, hi = out_range(out)
         ops.append({"name": name, "type": "layernorm", "inputs": [x], "output": out,
                     "attrs": {"tokens": tokens, "recip_bits": Kr, "norm_frac": F, "shift": Sh,
