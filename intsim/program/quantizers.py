@@ -33,15 +33,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 TYPES = ("uniform", "log2", "log2sqrt", "tanq")
 
 
 # ---- round half up, exactly -----------------------------------------------------------
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _torch():
+    """torch, imported where a torch encoder first runs (calibration, fake-quant): loading and
+    validating a program, and the engine, stay free of torch."""
+    import torch
+    return torch
+
 
 def rnd(v: np.ndarray | float) -> np.ndarray:
     """Round half up, ``floor(v + 1/2)``, exact for every finite float64 (returns float64).
@@ -57,6 +67,7 @@ def rnd(v: np.ndarray | float) -> np.ndarray:
 
 def rnd_torch(v: torch.Tensor) -> torch.Tensor:
     """Torch twin of :func:`rnd` (same dtype in and out; exact in float64). ``v`` is not modified."""
+    torch = _torch()
     f = torch.floor(v)
     return f.add_((v - f).ge_(0.5))
 
@@ -88,6 +99,7 @@ class SoftmaxQuantizer:
 
     def encode_torch(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (int64 tensor, same shape) of ``x``; computed in float64, equal to :meth:`encode`."""
+        torch = _torch()
         return self._encode_torch(x.to(torch.float64)).to(torch.int64)
 
     def levels(self) -> np.ndarray:
@@ -96,6 +108,7 @@ class SoftmaxQuantizer:
 
     def quantize_torch(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize ``levels[encode(x)]`` in ``x``'s dtype (the fake-quant probabilities)."""
+        torch = _torch()
         lv = torch.from_numpy(self.levels()).to(x.dtype)
         return lv[self.encode_torch(x)]
 
@@ -127,6 +140,7 @@ class Uniform(SoftmaxQuantizer):
         return np.clip(rnd(x / self.scale), 0, self.n)
 
     def _encode_torch(self, x):
+        torch = _torch()
         return torch.clamp(rnd_torch(x / self.scale), 0, self.n)
 
     def levels(self):
@@ -154,6 +168,7 @@ class Log2(SoftmaxQuantizer):
         return np.where(j < 0, n, np.where(j > n - 1, 0, n - np.where(np.isfinite(j), j, 0)))
 
     def _encode_torch(self, x):
+        torch = _torch()
         j = rnd_torch(-self._mul * torch.log2(x / self.delta))
         j = torch.where(x > 0, j, torch.full_like(j, math.inf))
         n = self.n
