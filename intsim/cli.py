@@ -294,10 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 2
     from intsim.program.format import ProgramError
+    from reference.golden import SpecViolation
     try:
         return COMMANDS[a.cmd](a)
-    except (UserError, ProgramError) as e:
-        print(f"intsim: error: {e}", file=sys.stderr)
+    except (UserError, ProgramError, SpecViolation) as e:
+        # bad input: one line (a program file is untrusted input, docs/integer-spec.md section 8)
+        print(f"intsim: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("intsim: interrupted; no partial output was written", file=sys.stderr)

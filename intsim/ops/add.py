@@ -16,6 +16,7 @@ from intsim.program.fixedpoint import check_mult_shift
 from intsim.program.program import Program
 
 from .base import WIDE, EngineOp, as_int_input, check_shifts
+from .base import check_out_range, check_shape
 
 NAME = "add"
 SPEC = "4.6"
@@ -37,8 +38,13 @@ def export(b, name: str, a: str, skip: str) -> None:
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8 on an ``add`` op: its multiplier and shift."""
+    """Section 8 on an ``add`` op: its multiplier and shift, the output clamp within the output
+    value's width, both inputs and the output of one shape."""
     check_mult_shift(op["name"], op["attrs"]["mult"], op["attrs"]["shift"], prog.settings["mult_bits"])
+    check_out_range(prog, op)
+    shape = prog.values[op["inputs"][0]]["shape"]
+    for v in (op["inputs"][1], op["output"]):
+        check_shape(prog, op, v, shape, "the first input's shape")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -37,7 +37,8 @@ from intsim.program import quantizers as Q
 from intsim.program.fixedpoint import ExportError, check_mult_shift
 from intsim.program.program import Program, ProgramError
 
-from .base import WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64, value_width
+from .base import (WIDE, EngineOp, as_int_input, check_in, check_out_range, check_shape, check_shifts, i64, tensor64,
+                   value_range, value_width)
 
 NAME = "attention"
 SPEC = "4.4"
@@ -93,10 +94,28 @@ def export(b, name: str, q: str, k: str, v: str, heads: int, sq) -> None:
     b.op(name, NAME, [q, k, v], attrs, tensors)
 
 
-def check_softmax_bounds(prog, op) -> None:
-    """Section 8 on the softmax constants of an ``attention`` / ``window_attention`` op."""
+#: Largest sum of exp values over one softmax row (``T * exp_table[0]``): far from int64 overflow,
+#: and every product ``e * inv`` of the kernels stays below 2^63 (``inv <= 2^(P+G) <= 2^48``).
+MAX_ROW_SUM = 1 << 62
+#: Largest |decode| entry (int32; the decode product ``sum_j decode (v - zp_v)`` of a row stays
+#: below 2^62 by the check ``T * max|decode| * (2^abits - 1) <= 2^62``).
+MAX_DECODE = (1 << 31) - 1
+
+
+def check_softmax_bounds(prog, op, row_tokens: int | None = None) -> None:
+    """Section 8 on the softmax constants of an ``attention`` / ``window_attention`` op (at export and
+    at load): multipliers and shifts; the widths E, X, P, G, L equal to the settings (X <= 30,
+    P + G <= 48, E <= 12); zero points within the input codes, the output clamp within the output
+    codes; ``heads >= 1`` dividing the width; the exp table non-negative, non-increasing, with
+    ``1 <= exp_table[0] <= 2^X`` and ``T * exp_table[0] <= 2^62`` (``T = row_tokens``, the scores of
+    one softmax row; default the op's tokens); the thresholds sorted within ``0..2^P``; the decode
+    table within int32 and ``T * max|decode| * (2^abits - 1) <= 2^62``; ``softmax_quant`` a quantizer of ``abits`` bits.
+    These are the premises of the engine's construction-time proofs (``AttentionEngine``)."""
     s, name, a = prog.settings, op["name"], op["attrs"]
     check_mult_shift(name, [a["score_mult"], a["mult"]], [a["score_shift"], a["shift"]], s["mult_bits"])
+    for k in ("exp_frac_bits", "exp_bits", "prob_bits", "recip_frac", "decode_bits"):
+        if a[k] != s[k]:
+            raise ExportError(f"{name}: {k} = {a[k]} breaks {k} == settings.{k} ({s[k]})")
     if a["exp_bits"] > 30 or a["prob_bits"] + a["recip_frac"] > 48 or a["exp_frac_bits"] > 12:
         raise ExportError(f"{name}: softmax widths out of bounds")
     n = (1 << s["abits"]) - 1
@@ -104,6 +123,49 @@ def check_softmax_bounds(prog, op) -> None:
         raise ExportError(f"{name}: threshold / decode tables of the wrong size")
     if prog.t(op, "exp_table").shape != (1 << a["exp_frac_bits"],):
         raise ExportError(f"{name}: exp table of the wrong size")
+    q, k, v = op["inputs"]
+    shape = list(prog.values[q]["shape"])
+    for x in (k, v):
+        check_shape(prog, op, x, shape, "the shape of q")
+    check_shape(prog, op, op["output"], shape, "the shape of q")
+    check_in(name, "heads", a["heads"], 1, shape[-1])
+    if shape[-1] % a["heads"]:
+        raise ExportError(f"{name}: heads = {a['heads']} breaks heads divides the width {shape[-1]}")
+    for zname, x in (("zp_q", q), ("zp_k", k), ("zp_v", v)):
+        check_in(name, zname, a[zname], *value_range(prog, x))
+    check_out_range(prog, op, zp=True)
+    X, P = a["exp_bits"], a["prob_bits"]
+    et = prog.t(op, "exp_table").astype(np.int64)
+    check_in(name, "exp_table[0]", et[0], 1, 1 << X)
+    check_in(name, "exp_table", et, 0, 1 << X)
+    if et.size > 1 and np.any(np.diff(et) > 0):
+        j = int(np.nonzero(np.diff(et) > 0)[0][0])
+        raise ExportError(f"{name}: exp_table[{j + 1}] = {int(et[j + 1])} breaks exp_table non-increasing "
+                          f"(exp_table[{j}] = {int(et[j])})")
+    T = int(row_tokens if row_tokens is not None else shape[0])
+    if T * int(et[0]) > MAX_ROW_SUM:
+        raise ExportError(f"{name}: exp_table[0] = {int(et[0])} breaks {T} tokens * exp_table[0] <= 2^62")
+    thr = prog.t(op, "thresholds").astype(np.int64)
+    check_in(name, "thresholds", thr, 0, 1 << P)
+    if thr.size > 1 and np.any(np.diff(thr) < 0):
+        raise ExportError(f"{name}: thresholds = {thr.tolist()[:8]}... breaks thresholds sorted")
+    dec = prog.t(op, "decode").astype(np.int64)
+    check_in(name, "decode", dec, -MAX_DECODE, MAX_DECODE)
+    dmax, vmax = int(np.abs(dec).max(initial=0)), (1 << s["abits"]) - 1
+    if T * dmax * vmax > MAX_ROW_SUM:
+        raise ExportError(f"{name}: max |decode| = {dmax} breaks {T} tokens * max|decode| * (2^abits - 1) <= 2^62")
+    try:
+        d = dict(a["softmax_quant"])
+        d.setdefault("bits", s["abits"])
+        sq = Q.from_dict(d)
+        bits = int(sq.bits)
+        if not all(math.isfinite(float(x)) for k, x in d.items() if k not in ("type", "bits")):
+            raise ValueError("a parameter is not finite")
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:
+        raise ExportError(f"{name}: softmax_quant = {str(a['softmax_quant'])[:60]} is not a post-softmax "
+                          f"quantizer ({e})") from None
+    if bits != s["abits"]:
+        raise ExportError(f"{name}: softmax_quant bits = {bits} breaks bits == settings.abits ({s['abits']})")
 
 
 def check_bounds(prog, op) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from intsim.kernels.gemm import GEMM_MODES
 from intsim.kernels.numeric import MAX_SHIFT
+from intsim.program.fixedpoint import ExportError
 from intsim.program.program import Program, ProgramError
 
 # Shape symbols, resolved per op by ``intsim.program.format`` from the op's attributes and values.
@@ -177,3 +178,36 @@ def value_width(program: Program, name: str) -> tuple[int, bool]:
 def tensor64(program: Program, op: dict[str, Any], name: str) -> np.ndarray:
     """A tensor of the op, as int64."""
     return np.asarray(program.t(op, name), dtype=np.int64)
+
+
+# ---- section 8 helpers of the ops' ``check_bounds`` (export and load; they raise ExportError) ----
+
+def check_in(name: str, field: str, v: Any, lo: int, hi: int) -> None:
+    """``ExportError`` unless every element of ``v`` (an int or an array) lies in ``lo..hi``; the
+    message names the op, the field, the offending value and the bound."""
+    a = np.asarray(v)
+    if a.size == 0:
+        return
+    mn, mx = int(a.min()), int(a.max())
+    if mn < lo or mx > hi:
+        bad = mn if mn < lo else mx
+        what = field if a.ndim == 0 else f"{field} (an element)"
+        raise ExportError(f"{name}: {what} = {bad} breaks {lo} <= {field} <= {hi}")
+
+
+def check_out_range(prog: Program, op: dict[str, Any], zp: bool = False) -> None:
+    """The op's output clamp ``lo <= hi`` within the range of its output value's width (and, with
+    ``zp``, the attribute ``zp`` within it too)."""
+    name, a = op["name"], op["attrs"]
+    vlo, vhi = value_range(prog, op["output"])
+    check_in(name, "lo", a["lo"], vlo, vhi)
+    check_in(name, "hi", a["hi"], a["lo"], vhi)
+    if zp:
+        check_in(name, "zp", a["zp"], vlo, vhi)
+
+
+def check_shape(prog: Program, op: dict[str, Any], value: str, want: list[int], why: str) -> None:
+    """``ExportError`` unless the declared shape of ``value`` is ``want``."""
+    got = list(prog.values[value]["shape"])
+    if got != list(want):
+        raise ExportError(f"{op['name']}: shape of '{value}' = {got} breaks {why} ({list(want)})")

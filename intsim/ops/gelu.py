@@ -17,6 +17,7 @@ from intsim.program.program import Program, ProgramError
 from intsim.program.quantizers import rnd
 
 from .base import EngineOp, as_int_input, i64, int_attr, tensor64, value_width, zero_counts
+from .base import check_in, check_shape, value_range
 
 NAME = "gelu"
 SPEC = "4.5"
@@ -43,9 +44,18 @@ def export(b, name: str, x: str) -> None:
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8 on a ``gelu`` op: one table entry per input code (``2^gelu_bits``)."""
-    if prog.t(op, "table").shape != (1 << prog.settings["gelu_bits"],):
-        raise ExportError(f"{op['name']}: GELU table of the wrong size")
+    """Section 8 on a ``gelu`` op: one table entry per input code (``2^gelu_bits``), the input an int
+    value of ``gelu_bits`` bits (so every input lies in the table: the producer clamps to its
+    width), the entries within the output value's width, the output of the input's shape."""
+    name, g = op["name"], prog.settings["gelu_bits"]
+    if prog.t(op, "table").shape != (1 << g,):
+        raise ExportError(f"{name}: GELU table of the wrong size")
+    x = prog.values[op["inputs"][0]]
+    if x["kind"] != "int" or x["bits"] != g:
+        raise ExportError(f"{name}: input '{op['inputs'][0]}' ({x['kind']}, {x['bits']} bits) breaks "
+                          f"an int value of gelu_bits = {g} bits")
+    check_in(name, "table", prog.t(op, "table").astype(np.int64), *value_range(prog, op["output"]))
+    check_shape(prog, op, op["output"], x["shape"], "the input's shape")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -19,6 +19,7 @@ from intsim.program.program import Program, ProgramError
 from intsim.program.quantizers import rnd
 
 from .base import EPI_ROWS_PER_TASK, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64
+from .base import check_out_range
 
 #: Bound on ``|gadd|`` (section 8): the LayerNorm accumulation stays within int64.
 GADD_LIMIT = 1 << 55
@@ -77,7 +78,9 @@ def export(b, name: str, x: str, ln, tokens: str) -> None:
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8 on a ``layernorm`` op: shift, width, ``|gmul| < 2^(B-1)``, ``|gadd| < 2^55``, K and F."""
+    """Section 8 on a ``layernorm`` op: shift, width, ``|gmul| < 2^(B-1)``, ``|gadd| < 2^55``, K and F
+    (equal to the settings ``ln_recip_bits`` and ``ln_norm_frac``), ``tokens`` "all" or "first",
+    zero point and output clamp within the output value's width."""
     B, name, a = prog.settings["mult_bits"], op["name"], op["attrs"]
     check_mult_shift(name, 0, a["shift"], B)
     if prog.t(op, "gmul").shape[0] > MAX_WIDTH:
@@ -88,6 +91,14 @@ def check_bounds(prog, op) -> None:
         raise ExportError(f"{name}: |gadd| >= 2^55")
     if a["recip_bits"] > 48 or a["norm_frac"] > 20:
         raise ExportError(f"{name}: recip_bits > 48 or norm_frac > 20")
+    for k, sk in (("recip_bits", "ln_recip_bits"), ("norm_frac", "ln_norm_frac")):
+        if a[k] != prog.settings[sk]:
+            raise ExportError(f"{name}: {k} = {a[k]} breaks {k} == settings.{sk} ({prog.settings[sk]})")
+    if a["tokens"] not in ("all", "first"):
+        raise ExportError(f"{name}: tokens = {a['tokens']!r:.40} breaks tokens in ('all', 'first')")
+    check_out_range(prog, op, zp=True)
+    if prog.values[op["output"]]["shape"][-1] != prog.values[op["inputs"][0]]["shape"][-1]:
+        raise ExportError(f"{name}: the output's width differs from the input's")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

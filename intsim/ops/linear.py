@@ -18,6 +18,7 @@ from intsim.program.program import Program
 from intsim.program.quantizers import rnd
 
 from .base import EPI_ROWS_PER_TASK, SHIFT_BITS, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64, value_width
+from .base import check_in, check_out_range, check_shape, value_range
 
 NAME = "linear"
 SPEC = "4.1"
@@ -83,7 +84,9 @@ def export(b, name: str, x: str, lin) -> None:
 
 def check_bounds(prog, op) -> None:
     """Section 8 on a ``linear`` / ``patch_embed`` op of ``prog``: multipliers and shifts, biases
-    within the accumulator, weight codes within ``+-(2^wbits - 1)`` (raises ``ExportError``)."""
+    within the accumulator, weight codes within ``+-(2^wbits - 1)``, zero points and the output
+    clamp within the output value's width; for ``linear`` the output shape ``[..., N]`` of the
+    input's ``[..., K]`` (raises ``ExportError``)."""
     s, name = prog.settings, op["name"]
     A = s["acc_bits"]
     check_mult_shift(name, prog.t(op, "mult"), prog.t(op, "shift"), s["mult_bits"])
@@ -91,6 +94,11 @@ def check_bounds(prog, op) -> None:
         raise ExportError(f"{name}: |bias| >= 2^{A - 1}")
     if np.abs(prog.t(op, "w").astype(np.int64)).max(initial=0) > (1 << s["wbits"]) - 1:
         raise ExportError(f"{name}: weights outside +-(2^wbits - 1)")
+    check_out_range(prog, op)
+    if "zp" in TENSORS and op["type"] == NAME:
+        check_in(name, "zp", prog.t(op, "zp").astype(np.int64), *value_range(prog, op["output"]))
+        ins, outs = prog.values[op["inputs"][0]]["shape"], prog.values[op["output"]]["shape"]
+        check_shape(prog, op, op["output"], list(ins[:-1]) + [outs[-1]], "the input's shape but the last")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -17,6 +17,7 @@ from intsim.program.quantizers import rnd
 
 from . import linear
 from .base import EPI_ROWS_PER_TASK, i64
+from .base import check_in, check_shape
 from .linear import LinearEngine
 
 NAME = "patch_embed"
@@ -64,8 +65,16 @@ def export(b, name: str, x: str, lin, pos: np.ndarray, patch: int) -> None:
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8: as a ``linear`` op (:func:`intsim.ops.linear.check_bounds`)."""
+    """Section 8: as a ``linear`` op (:func:`intsim.ops.linear.check_bounds`); the image (C, H, W)
+    divides into patches (``patch >= 1``) and the output has ``(H/p)(W/p) + 1`` tokens."""
     linear.check_bounds(prog, op)
+    name, p = op["name"], op["attrs"]["patch"]
+    shape = prog.values[op["inputs"][0]]["shape"]
+    check_in(name, "patch", p, 1, min(shape[-2:]) if len(shape) == 3 else 1)
+    if len(shape) != 3 or shape[1] % p or shape[2] % p:
+        raise ExportError(f"{name}: image shape = {shape} breaks (C, H, W) with H and W multiples of patch = {p}")
+    n_out = prog.values[op["output"]]["shape"][-1]
+    check_shape(prog, op, op["output"], [(shape[1] // p) * (shape[2] // p) + 1, n_out], "one token per patch plus the class token")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -13,6 +13,8 @@ import numpy as np
 from intsim.program.program import Program, ProgramError
 
 from .base import EngineOp, i64, ints, value_range, zero_counts
+from intsim.program.fixedpoint import ExportError
+from .base import check_in, check_shape
 
 NAME = "patch_merge"
 SPEC = "9.2"
@@ -43,7 +45,15 @@ def export(b, name: str, x: str, grid: tuple[int, int], src: np.ndarray) -> None
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8 puts no bound on a layout op."""
+    """Section 8 puts no bound on a layout op; ``grid`` two positive even integers covering the input
+    tokens, ``src`` indices of input tokens, the output ``(T/4, 4 C)``."""
+    name, grid = op["name"], op["attrs"]["grid"]
+    shape = prog.values[op["inputs"][0]]["shape"]
+    if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 2 and g % 2 == 0
+                                 for g in grid) or grid[0] * grid[1] != shape[0]:
+        raise ExportError(f"{name}: grid = {str(grid)[:40]} breaks two even sizes covering {shape[0]} tokens")
+    check_in(name, "src", prog.t(op, "src").astype(np.int64), 0, shape[0] - 1)
+    check_shape(prog, op, op["output"], [shape[0] // 4, 4 * shape[-1]], "the merged layout")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -13,6 +13,8 @@ import numpy as np
 from intsim.program.program import Program, ProgramError
 
 from .base import EngineOp, int_attr, ints, zero_counts
+from intsim.program.fixedpoint import ExportError
+from .base import check_in, check_shape
 
 NAME = "patchify"
 SPEC = "9.1"
@@ -35,7 +37,14 @@ def export(b, name: str, x: str, patch: int) -> None:
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8 puts no bound on a layout op."""
+    """Section 8 puts no bound on a layout op; the image (C, H, W) must divide into patches
+    (``patch >= 1``) and the output be ``((H/p)(W/p), C p p)``."""
+    name, p = op["name"], op["attrs"]["patch"]
+    shape = prog.values[op["inputs"][0]]["shape"]
+    check_in(name, "patch", p, 1, min(shape[-2:]) if len(shape) == 3 else 1)
+    if len(shape) != 3 or shape[1] % p or shape[2] % p:
+        raise ExportError(f"{name}: image shape = {shape} breaks (C, H, W) with H and W multiples of patch = {p}")
+    check_shape(prog, op, op["output"], [(shape[1] // p) * (shape[2] // p), shape[0] * p * p], "the patch layout")
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -16,6 +16,7 @@ from intsim.program.fixedpoint import check_mult_shift
 from intsim.program.program import Program, ProgramError
 
 from .base import EngineOp, int_attr, ints
+from .base import check_out_range
 
 NAME = "token_pool"
 SPEC = "9.4"
@@ -38,8 +39,10 @@ def export(b, name: str, x: str) -> None:
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8 on a ``token_pool`` op: its multiplier and shift."""
+    """Section 8 on a ``token_pool`` op: its multiplier and shift, zero point and output clamp within
+    the output value's width."""
     check_mult_shift(op["name"], op["attrs"]["mult"], op["attrs"]["shift"], prog.settings["mult_bits"])
+    check_out_range(prog, op, zp=True)
 
 
 # ---- fake-quant forward: the paper's semantics in float (called by reference.fakequant) -------

@@ -18,6 +18,7 @@ from intsim.program.program import Program, ProgramError
 
 from . import attention
 from .base import EngineOp, i64, int_attr, ints
+from .base import check_in
 
 NAME = "window_attention"
 SPEC = "9.3"
@@ -71,11 +72,13 @@ def export(b, name: str, q: str, k: str, v: str, *, heads: int, sq, score_frac: 
 
 
 def check_bounds(prog, op) -> None:
-    """Section 8 on a ``window_attention`` op: the softmax constants, ``score_frac`` in 0..30, the
-    bias within the accumulator, the token table a permutation, no query masked from itself."""
+    """Section 8 on a ``window_attention`` op: the softmax constants (one softmax row spans a window),
+    ``score_frac`` in 0..30, the bias within the accumulator, the token table a permutation, the
+    relative-position indices within the bias table, no query masked from itself."""
     name, a = op["name"], op["attrs"]
     A = prog.settings["acc_bits"]
-    attention.check_softmax_bounds(prog, op)
+    ws = a["window"]
+    attention.check_softmax_bounds(prog, op, row_tokens=ws * ws)
     if not 0 <= a["score_frac"] <= 30:
         raise ExportError(f"{name}: score_frac outside 0..30")
     if np.abs(prog.t(op, "bias_table")).max(initial=0) >= 1 << (A - 1):
@@ -83,6 +86,7 @@ def check_bounds(prog, op) -> None:
     tok = prog.t(op, "tokens").ravel()
     if not np.array_equal(np.sort(tok), np.arange(tok.size)):
         raise ExportError(f"{name}: the token table is not a permutation")
+    check_in(name, "rel_index", prog.t(op, "rel_index").astype(np.int64), 0, (2 * ws - 1) ** 2 - 1)
     mask = prog.t(op, "mask")
     if mask.size and np.any(np.diagonal(mask, axis1=1, axis2=2) != 0):
         raise ExportError(f"{name}: a query is masked from itself")
