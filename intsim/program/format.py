@@ -168,7 +168,7 @@ def check_settings(s: dict[str, int]) -> None:
 
     for k in DEFAULT_SETTINGS:
         need(k in s, f"no '{k}'")
-        need(is_int(s[k]), f"{k} = {show(s[k])} is not an integer")
+        need(is_int(s[k]), f"{k} = {show(s[k])} is not an int64 integer")
     need(2 <= s["wbits"] <= 8 and 2 <= s["abits"] <= 8, "wbits and abits must be in 2..8")
     need(2 <= s["acc_bits"] <= 63 and 2 <= s["mult_bits"] <= 32, "acc_bits in 2..63, mult_bits in 2..32 (int32 multipliers)")
     need(s["acc_bits"] + s["mult_bits"] <= 64, f"acc_bits + mult_bits = {s['acc_bits'] + s['mult_bits']} > 64")
