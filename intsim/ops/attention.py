@@ -387,6 +387,23 @@ class AttentionEngine(EngineOp):
             raise ProgramError(f"op '{name}': prob_bits + recip_frac outside 0..{MAX_SHIFT - 1}")
         if self.exp_table.size == 0 or self.exp_table[0] < 1:
             raise ProgramError(f"op '{name}': exp_table[0] must be positive (it is 2^exp_bits)")
+        # Proof that every table index of the softmax kernels is in range (``_softmax_row``,
+        # ``attention_i64``), from the bounds ``check_softmax_bounds`` validates at load (and the
+        # Engine validates again); the premises the kernels need are re-checked here, cheaply,
+        # because ``run_op`` may be handed a program that was never validated:
+        # * ``etab[min(gap, ntab)]``: ``gap = m - A >= 0`` (m is the row maximum);
+        # * ``exp_table[u & (2^E - 1)]``: the table has 2^E entries (checked above);
+        # * ``ctab[p]``: with ``score_mult >= 0`` every ``u >= 0``, so ``e = rshift(exp_table[.], u >> E)``
+        #   lies in ``0..max(exp_table) = exp_table[0]`` (a non-negative, non-increasing table);
+        #   ``Z >= exp_table[0] >= 1`` (the maximum's gap is 0) and ``Z <= T exp_table[0] <= 2^62``
+        #   (``max_row_tokens``, checked per call in ``forward``); ``inv = rdiv(2^(P+G), Z)`` in
+        #   ``0..2^(P+G)``, ``e inv <= 2^(P+G) + Z / 2 < 2^63`` (no overflow), so ``p`` is in
+        #   ``0..2^P - 1``, the indices of ``ctab``;
+        # * ``parts[code]`` / ``decode[code]``: ``code`` = number of thresholds ``<= p`` is in ``0..N``
+        #   and the decode table has N + 1 entries (checked above).
+        if self.score_mult < 0 or int(self.exp_table.min()) < 0 or bool(np.any(np.diff(self.exp_table) > 0)):
+            raise ProgramError(f"op '{name}': score_mult must be >= 0 and exp_table non-negative and non-increasing")
+        self.max_row_tokens = MAX_ROW_SUM // int(self.exp_table[0])
         check_shifts(name, np.array([self.score_shift, self.shift_, self.recip_frac]))
         self.sorted_thresholds = int(bool(np.all(np.diff(self.thresholds) >= 0)))
         o_off, o_corr = rq_offsets(np.array([self.shift_]))
@@ -455,6 +472,9 @@ class AttentionEngine(EngineOp):
         if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape or q.shape[2] % self.heads:
             raise ValueError(f"op '{self.name}': q, k, v must share a shape (B, T, H*d), got {q.shape}, {k.shape}, {v.shape}")
         B, T, D = q.shape
+        if T > self.max_row_tokens:
+            raise ValueError(f"op '{self.name}': {T} tokens; the exp table allows at most {self.max_row_tokens} "
+                             f"(T * exp_table[0] <= 2^62)")
         H = self.heads
         d = D // H
         rs = [r if r is not None else data_range(z) for r, z in zip(self.ranges, (q, k, v))]

@@ -156,6 +156,14 @@ class WindowAttentionEngine(EngineOp):
             raise ProgramError(f"op '{name}': the window token table is not a permutation of the tokens")
         if n and np.any(np.diagonal(self.mask, axis1=1, axis2=2) != 0):
             raise ProgramError(f"op '{name}': a query is masked from itself (empty softmax row)")
+        # The softmax table indices of ``window_attention_i64`` are in range by the proof of
+        # ``intsim.ops.attention.AttentionEngine`` (one softmax row spans one window of n tokens);
+        # ``tokens`` (a permutation), ``rel_index`` (within the bias table's columns) and the
+        # shapes of the window tables are checked above. The premises of that proof:
+        if self.score_mult < 0 or int(self.exp_table.min()) < 0 or bool(np.any(np.diff(self.exp_table) > 0)) \
+                or n * int(self.exp_table[0]) > attention.MAX_ROW_SUM:
+            raise ProgramError(f"op '{name}': score_mult must be >= 0, exp_table non-negative and non-increasing "
+                               f"with window tokens * exp_table[0] <= 2^62")
         self.sorted_thr = int(bool(np.all(np.diff(self.thresholds) >= 0)))
         self._nop = np.zeros((1, 1, 1, 1, 1), np.int64)
 

@@ -55,7 +55,8 @@ def make_program(rng: np.random.Generator | int | None = None, *, embed_dim: int
     wb, ab = s["wbits"], s["abits"]
     R, A, Bm = s["residual_bits"], s["acc_bits"], s["mult_bits"]
     g_bits, lb = s["gelu_bits"], s["logit_bits"]
-    assert A + Bm <= 64 and embed_dim % heads == 0 and img % patch == 0
+    if not (A + Bm <= 64 and embed_dim % heads == 0 and img % patch == 0):
+        raise ValueError("need acc_bits + mult_bits <= 64, heads dividing embed_dim, patch dividing img")
     D, hidden = embed_dim, embed_dim * mlp_ratio
     P = (img // patch) ** 2
     T = P + 1

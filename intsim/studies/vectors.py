@@ -80,7 +80,8 @@ class Vectors:
     def add(self, name: str, value: Any, bits: int, signed: bool, group: str, desc: str) -> None:
         v = np.array(value, dtype=np.int64, order="C")    # (0-d stays 0-d)
         bits, note = _fit(v, int(bits), signed)
-        assert name not in {a.name for a in self.arrays}, name
+        if name in {a.name for a in self.arrays}:
+            raise ValueError(f"test vector array {name!r} added twice")
         self.arrays.append(Array(name, v, bits, signed, group, desc, note))
 
     def get(self, name: str) -> np.ndarray:
