@@ -119,6 +119,8 @@ REPRODUCERS = [
     ("version true", set_path(["version"], True), None, "version True is not supported"),
     ("abits 9", set_path(["settings", "abits"], 9), None, "wbits and abits must be in 2..8"),
     ("exp_frac_bits 40", set_path(["settings", "exp_frac_bits"], 40), None, "exp_frac_bits (E) must be in 0..12"),
+    ("provenance seed a string", set_path(["provenance", "seed"], "abc"), None, "provenance.seed = 'abc' is not"),
+    ("calibration record a number", set_path(["provenance", "calibration"], 5), None, "provenance.calibration = 5"),
     ("exp_bits 31", set_attr(CORE, "exp_bits", 31), None, "exp_bits = 31 breaks exp_bits == settings"),
 ]
 
@@ -206,6 +208,9 @@ def test_fuzz_fast_subset():
 
 
 @pytest.mark.slow
-def test_fuzz_large():
+def test_fuzz_large(request):
+    """1000 mutations (about 100 s): run only when slow tests are selected (``-m slow``)."""
+    if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption("markexpr"):
+        pytest.skip("a 1000-mutation fuzz run (about 100 s): select it with -m slow")
     rep = fuzz.fuzz(1000, seed=2)
     assert not rep.failures, fuzz.format_report(rep, 1000, 0.0)

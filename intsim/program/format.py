@@ -14,6 +14,7 @@ shapes, and raises ``ProgramError`` with a message naming what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -236,7 +237,11 @@ def _check_value(where: str, name: Any, v: Any) -> None:
         raise ProgramError(f"{where}: value '{name}': shape = {shape} has more than {MAX_ELEMENTS} elements")
     if "scale" in v:
         sc = v["scale"]
-        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not (np.isfinite(sc) and sc > 0):
+        try:
+            fsc = float(sc) if isinstance(sc, (int, float)) and not isinstance(sc, bool) else math.nan
+        except OverflowError:                       # an integer beyond float64
+            fsc = math.nan
+        if not (math.isfinite(fsc) and fsc > 0):
             raise ProgramError(f"{where}: value '{name}': scale = {show(sc)} breaks 0 < scale < inf")
     if "zero_point" in v:
         zp = v["zero_point"]
@@ -278,6 +283,32 @@ def _check_op_structure(where: str, op: Any, values: dict[str, Any], produced: s
             raise ProgramError(f"{where}: op '{name}' ({typ}): {a} = {show(attrs[a])} is not {kind}")
 
 
+#: Fields of the model and provenance records that commands read, with their JSON types.
+RECORD_FIELDS = {("model", "name"): str, ("model", "num_classes"): int, ("provenance", "model"): str,
+                 ("provenance", "weights"): str, ("provenance", "checkpoint"): str, ("provenance", "seed"): int,
+                 ("provenance", "calibration"): dict, ("provenance", "versions"): dict}
+
+
+def _check_record(where: str, h: dict[str, Any]) -> None:
+    """The model and provenance records are informational, but the fields commands read (the float
+    model's name, weights, seed, the calibration record) must have their JSON types."""
+    for (part, key), typ in RECORD_FIELDS.items():
+        if key not in h[part]:
+            continue
+        v = h[part][key]
+        if not isinstance(v, typ) or (typ is int and not is_int(v)):
+            raise ProgramError(f"{where}: {part}.{key} = {show(v)} is not a JSON {typ.__name__}")
+    rec = h["provenance"].get("calibration", {}).get("reconstruction")
+    if rec is None:
+        return
+    ok = isinstance(rec, dict) and "num_images" in rec and isinstance(rec.get("units"), list) and all(
+        isinstance(u, dict) and isinstance(u.get("unit"), str)
+        and all(isinstance(u.get(k), (int, float)) and not isinstance(u.get(k), bool) for k in ("calibrated", "final"))
+        for u in rec["units"])
+    if not ok:
+        raise ProgramError(f"{where}: provenance.calibration.reconstruction is not a reconstruction record")
+
+
 def validate(prog: Program, where: str = "program", bounds: bool = True) -> None:
     """Prove a program safe to execute; raise ``ProgramError`` naming the first problem.
 
@@ -302,6 +333,7 @@ def validate(prog: Program, where: str = "program", bounds: bool = True) -> None
             raise ProgramError(f"{where}: header has no '{key}'")
         if not isinstance(h[key], typ):
             raise ProgramError(f"{where}: header field '{key}' = {show(h[key])} is not a JSON {typ.__name__}")
+    _check_record(where, h)
     missing = [k for k in DEFAULT_SETTINGS if k not in h["settings"]]
     if missing:
         raise ProgramError(f"{where}: settings lack {', '.join(missing)}")

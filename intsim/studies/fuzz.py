@@ -42,6 +42,11 @@ from intsim.studies.random_program import make_program
 BAD_VALUES: list[Any] = [None, "8", 1.5, True, [], {}, -1, 0, 1, 63, 64, 2 ** 31, 2 ** 62, 2 ** 63,
                          -(2 ** 63) - 1, 10 ** 30, float("nan"), float("inf"), -float("inf"), -0.5]
 
+#: Fields of the model and provenance records that commands read.
+RECORD = [("model", "name"), ("model", "num_classes"), ("provenance", "model"), ("provenance", "weights"),
+          ("provenance", "checkpoint"), ("provenance", "seed"), ("provenance", "calibration"),
+          ("provenance", "versions")]
+
 OUTCOMES_OK = ("rejected", "ran", "spec")
 
 
@@ -123,9 +128,12 @@ def mutants(n: int, seed: int = 0) -> list[Mutant]:
     while len(out) < n:
         r = rng.integers(0, 100)
         v = BAD_VALUES[rng.integers(len(BAD_VALUES))]
-        if r < 12:
+        if r < 8:
             k = top[rng.integers(len(top))]
             header_mut("header", f"{k} = {v!r}", setter([k], v))
+        elif r < 12:
+            part, k = RECORD[rng.integers(len(RECORD))]
+            header_mut("header", f"{part}.{k} = {v!r}", setter([part, k], v))
         elif r < 30:
             k = sorted(h0["settings"])[rng.integers(len(h0["settings"]))]
             header_mut("header", f"settings.{k} = {v!r}", setter(["settings", k], v))
