@@ -211,3 +211,12 @@ def check_shape(prog: Program, op: dict[str, Any], value: str, want: list[int], 
     got = list(prog.values[value]["shape"])
     if got != list(want):
         raise ExportError(f"{op['name']}: shape of '{value}' = {got} breaks {why} ({list(want)})")
+
+
+def max_abs(a: np.ndarray) -> int:
+    """``max |a|`` of an integer array as a Python int (0 when empty), without forming ``abs`` in the
+    array's dtype (where ``abs(INT64_MIN)`` overflows to a negative number) or a widened copy."""
+    a = np.asarray(a)
+    if a.size == 0:
+        return 0
+    return max(abs(int(a.min())), abs(int(a.max())))

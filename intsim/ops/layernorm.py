@@ -19,7 +19,7 @@ from intsim.program.program import Program, ProgramError
 from intsim.program.quantizers import rnd
 
 from .base import EPI_ROWS_PER_TASK, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64
-from .base import check_out_range
+from .base import check_out_range, max_abs
 
 #: Bound on ``|gadd|`` (section 8): the LayerNorm accumulation stays within int64.
 GADD_LIMIT = 1 << 55
@@ -85,9 +85,9 @@ def check_bounds(prog, op) -> None:
     check_mult_shift(name, 0, a["shift"], B)
     if prog.t(op, "gmul").shape[0] > MAX_WIDTH:
         raise ExportError(f"{name}: D > {MAX_WIDTH}")
-    if np.abs(prog.t(op, "gmul")).max(initial=0) >= 1 << (B - 1):
+    if max_abs(prog.t(op, "gmul")) >= 1 << (B - 1):
         raise ExportError(f"{name}: |gmul| >= 2^{B - 1}")
-    if np.abs(prog.t(op, "gadd")).max(initial=0) >= GADD_LIMIT:
+    if max_abs(prog.t(op, "gadd")) >= GADD_LIMIT:
         raise ExportError(f"{name}: |gadd| >= 2^55")
     if a["recip_bits"] > 48 or a["norm_frac"] > 20:
         raise ExportError(f"{name}: recip_bits > 48 or norm_frac > 20")

@@ -18,7 +18,7 @@ from intsim.program.program import Program
 from intsim.program.quantizers import rnd
 
 from .base import EPI_ROWS_PER_TASK, SHIFT_BITS, WIDE, EngineOp, as_int_input, check_shifts, i64, tensor64, value_width
-from .base import check_in, check_out_range, check_shape, value_range
+from .base import check_in, check_out_range, check_shape, value_range, max_abs
 
 NAME = "linear"
 SPEC = "4.1"
@@ -90,9 +90,9 @@ def check_bounds(prog, op) -> None:
     s, name = prog.settings, op["name"]
     A = s["acc_bits"]
     check_mult_shift(name, prog.t(op, "mult"), prog.t(op, "shift"), s["mult_bits"])
-    if np.abs(prog.t(op, "bias")).max(initial=0) >= 1 << (A - 1):
+    if max_abs(prog.t(op, "bias")) >= 1 << (A - 1):
         raise ExportError(f"{name}: |bias| >= 2^{A - 1}")
-    if np.abs(prog.t(op, "w").astype(np.int64)).max(initial=0) > (1 << s["wbits"]) - 1:
+    if max_abs(prog.t(op, "w")) > (1 << s["wbits"]) - 1:
         raise ExportError(f"{name}: weights outside +-(2^wbits - 1)")
     check_out_range(prog, op)
     if "zp" in TENSORS and op["type"] == NAME:

@@ -18,7 +18,7 @@ from intsim.program.program import Program, ProgramError
 
 from . import attention
 from .base import EngineOp, i64, int_attr, ints
-from .base import check_in
+from .base import check_in, max_abs
 
 NAME = "window_attention"
 SPEC = "9.3"
@@ -81,7 +81,7 @@ def check_bounds(prog, op) -> None:
     attention.check_softmax_bounds(prog, op, row_tokens=ws * ws)
     if not 0 <= a["score_frac"] <= 30:
         raise ExportError(f"{name}: score_frac outside 0..30")
-    if np.abs(prog.t(op, "bias_table")).max(initial=0) >= 1 << (A - 1):
+    if max_abs(prog.t(op, "bias_table")) >= 1 << (A - 1):
         raise ExportError(f"{name}: |bias_table| >= 2^{A - 1}")
     tok = prog.t(op, "tokens").ravel()
     if not np.array_equal(np.sort(tok), np.arange(tok.size)):
