@@ -62,6 +62,7 @@ class Report:
     counts: Counter = field(default_factory=Counter)
     by_kind: dict[str, Counter] = field(default_factory=dict)
     failures: list[tuple[str, str, str]] = field(default_factory=list)
+    spec_examples: list[tuple[str, str]] = field(default_factory=list)
     slowest_s: float = 0.0
     slowest: str = ""
     peak_bytes: int = 0
@@ -72,6 +73,8 @@ class Report:
         self.by_kind.setdefault(m.kind, Counter())[outcome] += 1
         if outcome not in OUTCOMES_OK:
             self.failures.append((m.what, outcome, detail))
+        elif outcome == "spec" and len(self.spec_examples) < 5:
+            self.spec_examples.append((m.what, detail))
         if seconds > self.slowest_s:
             self.slowest_s, self.slowest = seconds, m.what
         if peak > self.peak_bytes:
@@ -268,6 +271,12 @@ def fuzz(n: int, seed: int = 0, memory: bool = False, progress: Callable[[int], 
     rep = Report()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "mutant.intsim")
+        # warm-up (not counted): imports and kernel compilation, so that times and peaks are the mutants'
+        with open(path, "wb") as f:
+            f.write(file_bytes(base_program(seed).header, base_program(seed).tensors))
+        outcome, detail = run_one(path)
+        if outcome != "ran":
+            raise RuntimeError(f"the unmutated program does not run cleanly: {outcome}: {detail}")
         for i, m in enumerate(mutants(n, seed)):
             with open(path, "wb") as f:
                 f.write(m.data)
@@ -294,6 +303,8 @@ def format_report(rep: Report, n: int, seconds: float) -> str:
     lines.append(f"slowest mutant {rep.slowest_s:.2f} s ({rep.slowest})")
     if rep.peak_bytes:
         lines.append(f"worst traced peak memory {rep.peak_bytes / 2 ** 20:.1f} MiB ({rep.peak_what})")
+    for what, detail in rep.spec_examples:
+        lines.append(f"spec example: {what}: {detail}")
     for what, outcome, detail in rep.failures[:20]:
         lines.append(f"FAIL {outcome}: {what}: {detail}")
     return "\n".join(lines)
