@@ -155,6 +155,8 @@ def parse_header(text: Any, where: str = "program") -> dict[str, Any]:
 TEXT_ATTRS = {"tokens": str, "softmax_quant": dict, "grid": list}
 #: Widths a value may declare, by kind (codes are unsigned, ints signed, images 8-bit codes).
 VALUE_BITS = {"image": (1, 16), "codes": (1, 16), "int": (2, 64)}
+#: The dtypes of the op schemas, parsed once.
+_DTYPES = {d: np.dtype(d) for sch in OP_SCHEMA.values() for g in ("tensors", "float") for d, _ in sch[g].values()}
 #: Most dimensions of a value's shape.
 MAX_RANK = 4
 
@@ -363,7 +365,7 @@ def validate(prog: Program, where: str = "program", bounds: bool = True) -> None
                 if key not in prog.tensors:
                     raise ProgramError(f"{where}: tensor '{key}' is missing")
                 arr = prog.tensors[key]
-                if not isinstance(arr, np.ndarray) or str(arr.dtype) != dtype:
+                if not isinstance(arr, np.ndarray) or arr.dtype != _DTYPES[dtype]:
                     raise ProgramError(f"{where}: tensor '{key}' has dtype {getattr(arr, 'dtype', type(arr))}, "
                                        f"expected {dtype}")
                 want = tuple(dims[s] for s in shape)
