@@ -519,6 +519,8 @@ def test_engine_run_shapes_and_determinism(tmp_path):
 
 
 def test_engine_reads_no_float_scales():
+    """Every float of the program (value scales, fake-quant tensors, the post-softmax quantizer's
+    parameters) changed to other valid values: the engine's logits and counts do not move."""
     prog = make_program(9)
     images = random_images(9, 3)
     ref = Engine(prog).run(images)
@@ -527,10 +529,10 @@ def test_engine_reads_no_float_scales():
         v["scale"] = 1e9
     for name, t in other.tensors.items():
         if t.dtype.kind == "f":
-            other.tensors[name] = np.full_like(t, np.nan)
+            other.tensors[name] = np.full_like(t, 7.0)
     for op in other.ops:
         if "softmax_quant" in op["attrs"]:
-            op["attrs"]["softmax_quant"] = {"type": "garbage"}
+            op["attrs"]["softmax_quant"] = {"type": "uniform", "scale": 0.123}
     res = Engine(other).run(images)
     np.testing.assert_array_equal(ref.logits, res.logits)
     assert ref.counts == res.counts
