@@ -102,3 +102,11 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
     out.append(("skip_rq", steps["skip_rq"], WIDE, True, "intermediate", "rq(skip, mult, shift): the skip at the output scale"))
     out.append(("sum", steps["sum"], WIDE, True, "intermediate", "a + skip_rq, before the output clamp"))
     return out
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.6: y = sat(a + rq(skip, mult, shift), lo, hi)."""
+    a, skip = inputs
+    at = op["attrs"]
+    return g.sat(g.add(a, g.rq(skip, int(at["mult"]), int(at["shift"]))), at["lo"], at["hi"])

@@ -213,3 +213,20 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
     out.append(("acc", st["acc"], A, True, "intermediate", "accsat(acc_raw): the accumulator"))
     out.append(("rq", st["rq"], WIDE, True, "intermediate", "rq(acc, mult[c], shift[c]) = rshift(acc * mult[c], shift[c])"))
     return out
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_gemm(g, op: dict[str, Any], prog: Program, x: str) -> str:
+    """acc = accsat(bias + x @ w^T) as an int64 ``MatMul`` (exact: |acc_raw| < 2^63 by section 8)."""
+    w = g.const("w_T", tensor64(prog, op, "w").T)                       # (K, N)
+    acc = g.add(g.node("MatMul", [x, w], name="gemm"), g.const("bias", tensor64(prog, op, "bias")))
+    return g.accsat(acc, prog.settings["acc_bits"])
+
+
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.1: y = sat(rq(accsat(bias + x w^T), mult[c], shift[c]) + zp[c], lo, hi), per-channel constants
+    broadcast over the last axis."""
+    (x,) = inputs
+    acc = lower_gemm(g, op, prog, x)
+    r = g.rq(acc, tensor64(prog, op, "mult"), tensor64(prog, op, "shift"))
+    return g.sat(g.add(r, g.const("zp", tensor64(prog, op, "zp"))), op["attrs"]["lo"], op["attrs"]["hi"])
