@@ -115,6 +115,29 @@ class OnnxGraph:
     def mul(self, a: str, b: str) -> str:
         return self.node("Mul", [a, b])
 
+    def matmul(self, a: str, b: Any, bound: int, name: str = "gemm", bname: str = "w_T") -> str:
+        """The exact integer product ``a @ b`` as int64, where ``bound`` >= k * max|a| * max|b| (k the
+        summed length). Every product and every partial sum of such a GEMM is an integer of magnitude
+        <= bound, so when bound <= 2^24 (2^53) float32 (float64) represents all of them exactly and
+        the float ``MatMul`` (any summation order, with or without FMA) returns the exact sum, which
+        ``Cast`` brings back to int64; otherwise an int64 ``MatMul``. ``b`` is a value name or a
+        numpy array (made an initializer ``bname`` in the chosen type)."""
+        T = self.onnx.TensorProto
+        if bound <= 2**24:
+            ft, nt = np.float32, T.FLOAT
+        elif bound <= 2**53:
+            ft, nt = np.float64, T.DOUBLE
+        else:
+            ft, nt = None, None
+        if isinstance(b, np.ndarray):
+            b = self.const(bname, b, dtype=ft or np.int64)
+        elif ft is not None:
+            b = self.node("Cast", [b], to=nt)
+        if ft is None:
+            return self.node("MatMul", [a, b], name=name)
+        y = self.node("MatMul", [self.node("Cast", [a], to=nt), b], name=name)
+        return self.node("Cast", [y], name=f"{name}_int", to=T.INT64)
+
     def floordiv_pos(self, a: str, d: str) -> tuple[str, str]:
         """(floor(a / d), r = a - d floor(a / d)) for d > 0, both int64, exact (module doc)."""
         r = self.node("Mod", [a, d], name="mod", fmod=0)
@@ -128,26 +151,56 @@ class OnnxGraph:
                         to=self.onnx.TensorProto.INT64)
         return self.node("Add", [q, bit], name="rshift")
 
-    def rshift(self, a: str, n: int | np.ndarray) -> str:
-        """rshift(a, n) for a constant shift (scalar or per-channel vector over the last axis)."""
+    def rshift(self, a: str, n: int | np.ndarray, amax: Any = None, nonneg: bool = False) -> str:
+        """rshift(a, n) for a constant shift (scalar or per-channel vector over the last axis).
+
+        With a proven bound ``|a| <= amax`` (scalar or per channel; ``nonneg`` when also a >= 0) the
+        short *offset form*: with d = 2^n and an offset O = ceil(amax / d) * d (0 when nonneg),
+        ``a + d/2 + O >= 0``, so the truncating ``Div`` is the floor and
+        ``rshift(a, n) = Div(a + (d/2 + O), d) - O/d`` (for n = 0: d/2 = 0 and the result is a),
+        used when ``amax + d/2 + O <= 2^63 - 1`` for every channel (nothing can overflow).
+        Otherwise (or without a bound) the ``Mod`` form of ``rshift_by``, exact for every int64."""
         n = np.asarray(n, dtype=np.int64)
         if n.size and (n.min() < 0 or n.max() > 62):
             raise ProgramError(f"onnx export ({self.scope}): shift outside 0..62 cannot be lowered")
-        if n.ndim == 0 and int(n) == 0:
+        if n.size and int(n.max()) == 0:
             return a
-        return self.rshift_by(a, self.i64(np.int64(1) << n) if n.size <= 1 else self.const("pow2_shift", np.int64(1) << n))
+        vec = n.size > 1
+        if amax is not None:
+            am = np.broadcast_to(np.asarray(amax, dtype=object), n.shape).ravel().tolist()
+            ds = [1 << int(k) for k in n.ravel().tolist()]
+            offs = [0 if nonneg else -(-int(x) // d) * d for x, d in zip(am, ds)]
+            if all(int(x) + d // 2 + o <= 2**63 - 1 for x, d, o in zip(am, ds, offs)):
+                c1 = np.array([d // 2 + o for d, o in zip(ds, offs)], np.int64).reshape(n.shape)
+                dd = np.array(ds, np.int64).reshape(n.shape)
+                y = self.node("Div", [self.add(a, self.const("round_offset", c1) if vec else self.i64(c1)),
+                                      self.const("pow2_shift", dd) if vec else self.i64(dd)], name="rshift_div")
+                if nonneg:
+                    return y
+                k = np.array([o // d for d, o in zip(ds, offs)], np.int64).reshape(n.shape)
+                return self.node("Sub", [y, self.const("offset_quot", k) if vec else self.i64(k)], name="rshift")
+        return self.rshift_by(a, self.const("pow2_shift", np.int64(1) << n) if vec else self.i64(np.int64(1) << n))
 
-    def rq(self, a: str, m: Any, n: Any, mname: str = "mult") -> str:
-        """rq(a, m, n) = rshift(a * m, n) (section 2)."""
+    def rq(self, a: str, m: Any, n: Any, amax: Any = None, nonneg: bool = False, mname: str = "mult") -> str:
+        """rq(a, m, n) = rshift(a * m, n) (section 2); ``amax`` bounds |a| (m >= 0 by section 8)."""
         m = np.asarray(m, dtype=np.int64)
+        if m.size and m.min() < 0:
+            raise ProgramError(f"onnx export ({self.scope}): negative multiplier")
         mc = self.i64(m) if m.size <= 1 else self.const(mname, m)
-        return self.rshift(self.mul(a, mc), n)
+        pm = None if amax is None else [int(amax) * int(v) for v in m.ravel().tolist()]
+        if pm is not None and m.size <= 1:
+            pm = pm[0]
+        elif pm is not None:
+            pm = np.array(pm, dtype=object).reshape(m.shape)
+        return self.rshift(self.mul(a, mc), n, amax=pm, nonneg=nonneg)
 
-    def rdiv(self, a: str, b: str) -> str:
-        """rdiv(a, b) = floor((2a + b) / (2b)) for b > 0."""
+    def rdiv_pos(self, a: int, b: str) -> str:
+        """rdiv(a, b) = floor((2a + b) / (2b)) for a constant a >= 0 and b > 0: 2a + b > 0, so the
+        truncating ``Div`` is the floor (2a + b < 2^63 for a < 2^61 and b < 2^61)."""
+        if not 0 <= a < 2**61:
+            raise ProgramError(f"onnx export ({self.scope}): rdiv dividend {a} outside 0..2^61")
         two = self.i64(2)
-        q, _ = self.floordiv_pos(self.add(self.mul(a, two), b), self.mul(b, two))
-        return q
+        return self.node("Div", [self.add(b, self.i64(2 * a)), self.mul(b, two)], name="rdiv")
 
     def sat(self, v: str, lo: int | None, hi: int | None) -> str:
         if lo is not None:
@@ -197,23 +250,29 @@ class OnnxGraph:
 
         u >= 0, so the truncating ``Div`` by 2^E is the floor and ``Mod`` the low bits. The shift is
         data dependent: d = 2^min(u >> E, 62) comes from a ``Gather`` on the table 2^0..2^62."""
-        tab = self.const("exp_table", np.asarray(exp_table, np.int64))
+        exp_table = np.asarray(exp_table, np.int64)
+        if exp_table.size and not (exp_table.min() >= 0 and exp_table.max() < 2**61):
+            raise ProgramError(f"onnx export ({self.scope}): exp table entries outside 0..2^61")
+        tab = self.const("exp_table", exp_table)
         pe = self.i64(2**E)
         hi = self.node("Div", [u, pe], name="u_hi")
         lo = self.node("Mod", [u, pe], name="u_lo", fmod=0)
         base = self.node("Gather", [tab, lo], name="exp_lookup", axis=0)
         hic = self.node("Min", [hi, self.i64(62)])
-        d = self.node("Gather", [self.const("pow2_0_62", np.int64(1) << np.arange(63, dtype=np.int64)), hic],
-                      name="pow2_lookup", axis=0)
-        e = self.rshift_by(base, d)
+        p2 = np.int64(1) << np.arange(63, dtype=np.int64)
+        d = self.node("Gather", [self.const("pow2_0_62", p2), hic], name="pow2_lookup", axis=0)
+        half = self.node("Gather", [self.const("pow2_half_0_62", p2 // 2), hic], name="half_lookup", axis=0)
+        # exp_table >= 0 and < 2^61: rshift of a nonnegative value is Div(a + d/2, d) (d/2 = 0 for d = 1)
+        e = self.node("Div", [self.add(base, half), d], name="exp_shift")
         keep = self.node("LessOrEqual", [hi, self.i64(62)])
         return self.node("Where", [keep, e, self.i64(0)], name="exp")
 
-    def probs(self, e: str, P: int, G: int) -> str:
+    def probs(self, e: str, P: int, G: int, e_max: int) -> str:
         """Z = sum_j e; inv = rdiv(2^(P+G), Z); p = min(rshift(e * inv, G), 2^P - 1)."""
         Z = self.reduce("ReduceSum", e, -1)
-        inv = self.rdiv(self.i64(2 ** (P + G)), Z)
-        p = self.rshift(self.mul(e, inv), G)
+        inv = self.rdiv_pos(2 ** (P + G), Z)
+        # 0 <= e inv <= e (2^(P+G) / Z + 1/2) <= 2^(P+G) + e_max, e <= Z
+        p = self.rshift(self.mul(e, inv), G, amax=2 ** (P + G) + e_max, nonneg=True)
         return self.node("Min", [p, self.i64(2**P - 1)], name="prob")
 
     def encode_decode(self, p: str, thresholds: np.ndarray, decode: np.ndarray) -> str:

@@ -109,4 +109,5 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
     """4.6: y = sat(a + rq(skip, mult, shift), lo, hi)."""
     a, skip = inputs
     at = op["attrs"]
-    return g.sat(g.add(a, g.rq(skip, int(at["mult"]), int(at["shift"]))), at["lo"], at["hi"])
+    smax = 2 ** (int(prog.values[op["inputs"][1]]["bits"]) - 1)          # |skip| <= 2^(R-1) (an int value)
+    return g.sat(g.add(a, g.rq(skip, int(at["mult"]), int(at["shift"]), amax=smax)), at["lo"], at["hi"])

@@ -515,12 +515,15 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
         return g.transpose(g.reshape(g.sub(a, g.i64(int(zp))), [-1, T, H, d]), [0, 2, 1, 3])
 
     qh, kh, vh = heads(q, at["zp_q"]), heads(k, at["zp_k"]), heads(v, at["zp_v"])
-    A = g.accsat(g.node("MatMul", [qh, g.transpose(kh, [0, 1, 3, 2])], name="scores"), Ab)
+    cmax = {n: max(int(at[f"zp_{n}"]), 2 ** int(prog.values[i]["bits"]) - 1 - int(at[f"zp_{n}"]))
+            for n, i in zip("qkv", op["inputs"])}                        # max |code - zp|
+    A = g.accsat(g.matmul(qh, g.transpose(kh, [0, 1, 3, 2]), d * cmax["q"] * cmax["k"], name="scores"), Ab)
     m = g.reduce("ReduceMax", A, -1)
-    u = g.rq(g.sub(m, A), int(at["score_mult"]), int(at["score_shift"]))
+    u = g.rq(g.sub(m, A), int(at["score_mult"]), int(at["score_shift"]), amax=2**Ab - 1, nonneg=True)   # 0 <= m - A < 2^A
     e = g.exp_of(u, tensor64(prog, op, "exp_table"), E)
-    p = g.probs(e, P, G)
+    p = g.probs(e, P, G, int(tensor64(prog, op, "exp_table").max()))
     dec = g.encode_decode(p, tensor64(prog, op, "thresholds"), tensor64(prog, op, "decode"))
-    O = g.accsat(g.node("MatMul", [dec, vh], name="output_gemm"), Ab)
-    y = g.sat(g.add(g.rq(O, int(at["mult"]), int(at["shift"])), g.i64(int(at["zp"]))), at["lo"], at["hi"])
+    dmax = int(np.abs(tensor64(prog, op, "decode")).max())
+    O = g.accsat(g.matmul(dec, vh, T * dmax * cmax["v"], name="output_gemm"), Ab)
+    y = g.sat(g.add(g.rq(O, int(at["mult"]), int(at["shift"]), amax=2 ** (Ab - 1)), g.i64(int(at["zp"]))), at["lo"], at["hi"])
     return g.reshape(g.transpose(y, [0, 2, 1, 3]), [-1, T, D])

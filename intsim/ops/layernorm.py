@@ -248,9 +248,15 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
     V = g.sub(g.mul(S2, Dc), g.mul(S1, S1))
     sd = g.isqrt(V)
     zero = g.node("Equal", [sd, g.i64(0)], name="sd_zero")
-    inv = g.rdiv(g.i64(2**K), g.node("Max", [sd, g.i64(1)]))
+    inv = g.rdiv_pos(2**K, g.node("Max", [sd, g.i64(1)]))
     inv = g.node("Where", [zero, g.i64(0), inv], name="inv")
-    n = g.rshift(g.mul(c, inv), K - F)
-    pre = g.add(g.mul(n, g.const("gmul", tensor64(prog, op, "gmul"))), g.const("gadd", tensor64(prog, op, "gadd")))
-    pre = g.add(g.rshift(pre, S), g.i64(int(at["zp"])))
+    # bounds for the short rshift form: |c_i| <= sqrt(D V) <= D 2^R (|x| <= 2^(R-1)), sd >= sqrt(V)/2,
+    # inv <= 2^K / sd + 1/2, so |c inv| <= 2 sqrt(D) 2^K + D 2^R; |n| <= that / 2^(K-F) + 1
+    R = int(prog.values[op["inputs"][0]]["bits"])
+    cinv = 2 * (math.isqrt(D) + 1) * 2**K + D * 2**R
+    n = g.rshift(g.mul(c, inv), K - F, amax=cinv)
+    gmul, gadd = tensor64(prog, op, "gmul"), tensor64(prog, op, "gadd")
+    pmax = (cinv // 2 ** (K - F) + 1) * int(np.abs(gmul).max()) + int(np.abs(gadd).max())
+    pre = g.add(g.mul(n, g.const("gmul", gmul)), g.const("gadd", gadd))
+    pre = g.add(g.rshift(pre, S, amax=pmax), g.i64(int(at["zp"])))
     return g.sat(pre, at["lo"], at["hi"])

@@ -178,6 +178,6 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
     at = op["attrs"]
     x = lower_patches(g, image, prog.values[op["inputs"][0]]["shape"], at["patch"])
     acc = linear.lower_gemm(g, op, prog, x)
-    r = g.rq(acc, tensor64(prog, op, "mult"), tensor64(prog, op, "shift"))
+    r = g.rq(acc, tensor64(prog, op, "mult"), tensor64(prog, op, "shift"), amax=2 ** (prog.settings["acc_bits"] - 1))
     r = g.node("Pad", [r, g.i64([0, 1, 0, 0, 0, 0])], name="class_token", mode="constant")
     return g.sat(g.add(r, g.const("pos", tensor64(prog, op, "pos"))), at["lo"], at["hi"])

@@ -92,4 +92,4 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
     (x,) = inputs
     at = op["attrs"]
     S = g.accsat(g.reduce("ReduceSum", x, 1), prog.settings["acc_bits"])
-    return g.sat(g.add(g.rq(S, int(at["mult"]), int(at["shift"])), g.i64(int(at["zp"]))), at["lo"], at["hi"])
+    return g.sat(g.add(g.rq(S, int(at["mult"]), int(at["shift"]), amax=2 ** (prog.settings["acc_bits"] - 1)), g.i64(int(at["zp"]))), at["lo"], at["hi"])

@@ -232,7 +232,9 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
         return g.transpose(g.reshape(w, [-1, nW, n, H, d]), [0, 1, 3, 2, 4])
 
     qw, kw, vw = win(q, at["zp_q"]), win(k, at["zp_k"]), win(v, at["zp_v"])
-    dot = g.node("MatMul", [qw, g.transpose(kw, [0, 1, 2, 4, 3])], name="scores")
+    cmax = {c: max(int(at[f"zp_{c}"]), 2 ** int(prog.values[i]["bits"]) - 1 - int(at[f"zp_{c}"]))
+            for c, i in zip("qkv", op["inputs"])}                        # max |code - zp|
+    dot = g.matmul(qw, g.transpose(kw, [0, 1, 2, 4, 3]), d * cmax["q"] * cmax["k"], name="scores")
     bias = g.node("Gather", [g.const("bias_table", tensor64(prog, op, "bias_table")),
                              g.const("rel_index", tensor64(prog, op, "rel_index"))], name="rel_bias", axis=1)
     A = g.accsat(g.add(g.mul(dot, g.i64(2**Fb)), bias), Ab)              # (B, nW, H, n, n)
@@ -241,12 +243,13 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
     m = g.reduce("ReduceMax", g.node("Where", [valid, A, g.i64(-(2**63))], name="masked_scores"), -1)
     diff = g.sub(m, g.node("Where", [valid, A, m]))
     diff = g.node("Where", [valid, diff, g.i64(0)], name="masked_diff")
-    u = g.rq(diff, int(at["score_mult"]), int(at["score_shift"]))
+    u = g.rq(diff, int(at["score_mult"]), int(at["score_shift"]), amax=2**Ab - 1, nonneg=True)   # 0 <= m - A < 2^A
     e = g.node("Where", [valid, g.exp_of(u, tensor64(prog, op, "exp_table"), E), g.i64(0)], name="masked_exp")
-    p = g.probs(e, P, G)
+    p = g.probs(e, P, G, int(tensor64(prog, op, "exp_table").max()))
     dec = g.encode_decode(p, tensor64(prog, op, "thresholds"), tensor64(prog, op, "decode"))
-    O = g.accsat(g.node("MatMul", [dec, vw], name="output_gemm"), Ab)
-    y = g.sat(g.add(g.rq(O, int(at["mult"]), int(at["shift"])), g.i64(int(at["zp"]))), at["lo"], at["hi"])
+    dmax = int(np.abs(tensor64(prog, op, "decode")).max())
+    O = g.accsat(g.matmul(dec, vw, n * dmax * cmax["v"], name="output_gemm"), Ab)
+    y = g.sat(g.add(g.rq(O, int(at["mult"]), int(at["shift"]), amax=2 ** (Ab - 1)), g.i64(int(at["zp"]))), at["lo"], at["hi"])
     y = g.reshape(g.transpose(y, [0, 1, 3, 2, 4]), [-1, nW * n, D])
     inverse = np.argsort(tokens.ravel()).astype(np.int64)
     return g.node("Gather", [y, g.const("tokens_inverse", inverse)], name="window_reverse", axis=1)
