@@ -218,18 +218,19 @@ class OnnxGraph:
         """floor(sqrt(V)) for 0 <= V < 2^63, exact.
 
         s0 = Floor(Sqrt(double(V))): double(V) = V (1 + d), |d| <= 2^-53, and the correctly rounded
-        square root adds a relative error <= 2^-53, so |s0' - sqrt(V)| < 2^31.5 * 2^-51 < 2^-19 for the
-        unfloored s0'; with r = isqrt(V) <= sqrt(V) < r + 1 this leaves s0 in {r - 1, r, r + 1}. One
-        step down (s0^2 > V) and one step up ((s0 + 1)^2 <= V) then give r; all squares stay below
-        (2^31.5 + 2)^2 < 2^63."""
+        square root adds a relative error <= 2^-53, so the unfloored estimate is within
+        2^31.5 * 2^-51 < 2^-19 of sqrt(V); with r = isqrt(V) <= sqrt(V) < r + 1 this leaves s0 in
+        {r - 1, r, r + 1}. s0 is clamped to 3037000499 = isqrt(2^63 - 1) >= r (so s0^2 < 2^63), then
+        one step down (s^2 > V) gives s in {r - 1, r} with s^2 <= V, and one step up when
+        (s + 1)^2 <= V, tested as V - s^2 >= 2s + 1 (0 <= V - s^2 < 2^63: nothing overflows)."""
         T = self.onnx.TensorProto
         s = self.node("Sqrt", [self.node("Cast", [v], to=T.DOUBLE)], name="sqrt_f64")
         s = self.node("Cast", [self.node("Floor", [s])], name="isqrt_est", to=T.INT64)
-        one = self.i64(1)
+        s = self.node("Min", [s, self.i64(3037000499)], name="isqrt_clamp")
         too_big = self.node("Greater", [self.mul(s, s), v], name="isqrt_down")
         s = self.sub(s, self.node("Cast", [too_big], to=T.INT64))
-        s1 = self.add(s, one)
-        fits = self.node("LessOrEqual", [self.mul(s1, s1), v], name="isqrt_up")
+        rest = self.sub(v, self.mul(s, s))
+        fits = self.node("GreaterOrEqual", [rest, self.add(self.mul(s, self.i64(2)), self.i64(1))], name="isqrt_up")
         return self.node("Add", [s, self.node("Cast", [fits], to=T.INT64)], name="isqrt")
 
     def bool_to_i64(self, b: str) -> str:
