@@ -107,6 +107,20 @@ def test_rdiv_and_isqrt_exact():
     np.testing.assert_array_equal(y, np.array([math.isqrt(int(x)) for x in v], np.int64))
 
 
+@pytest.mark.parametrize("mag,expect", [(2**7, "FLOAT"), (2**20, "DOUBLE"), (2**28, None)])
+def test_matmul_float_only_where_proven_exact(mag, expect):
+    rng = np.random.default_rng(mag)
+    x = rng.integers(-mag, mag + 1, (2, 3, 5), dtype=np.int64)
+    w = rng.integers(-mag, mag + 1, (5, 4), dtype=np.int64)
+    bound = 5 * mag * mag
+    g = OnnxGraph()
+    g.matmul("x", w, bound)
+    casts = [a.i for n in g.nodes if n.op_type == "Cast" for a in n.attribute]
+    assert (getattr(onnx.TensorProto, expect) in casts) if expect else not casts
+    y = _run_graph(lambda g, nm: g.matmul(nm[0], w, bound), {"x": x})
+    np.testing.assert_array_equal(y, x @ w)
+
+
 def test_threshold_encoding_binary_search():
     thr = np.array([1, 1, 5, 9, 9, 9, 200], np.int64)                   # repeats: equal thresholds
     dec = np.arange(8, dtype=np.int64) * 10 - 3
