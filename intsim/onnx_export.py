@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from intsim import ops
 from intsim.program.program import Program, ProgramError
 
 #: the ONNX opset the graphs declare (onnxruntime 1.17+ executes it)
@@ -237,7 +238,7 @@ class OnnxGraph:
         return self.node("Cast", [b], to=self.onnx.TensorProto.INT64)
 
     def reshape(self, x: str, shape: list[int]) -> str:
-        return self.node("Reshape", [x, self.i64(list(shape)) if len(shape) > 1 else self.const("shape", shape)])
+        return self.node("Reshape", [x, self.i64(list(shape))])
 
     def transpose(self, x: str, perm: list[int]) -> str:
         return self.node("Transpose", [x], perm=list(perm))
@@ -311,7 +312,6 @@ class OnnxGraph:
 
 def build_onnx(prog: Program):
     """The ONNX ``ModelProto`` of ``prog`` (checked by ``onnx.checker``)."""
-    from intsim import ops
     g = OnnxGraph()
     T = g.onnx.TensorProto
     (inp,) = prog.header["inputs"]
