@@ -3,6 +3,7 @@
     intsim run         calibrate (or load --program) and compare float, fake-quant, engine and golden
     intsim calibrate   calibrate and write the integer program
     intsim inspect     summarize a program file
+    intsim export      the program as a standard ONNX graph (onnxruntime executes it bit for bit)
     intsim vectors     test vectors of one op (npz + hex + FORMAT.md); --check re-runs them on the engine
     intsim plot        sweep accuracy vs cost, post-softmax distribution, per-layer SQNR (PNG)
     intsim sweep / clipping / profile / sensitivity / bench   studies (see each one's --help)
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a program's model, settings, provenance and op list.")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+
+    x = sub.add_parser("export", help="write the program as a standard ONNX graph (onnxruntime, no custom ops)",
+                       description="Export an integer program as an ONNX graph (uint8 image in, int64 logits out) "
+                                   "that onnxruntime executes bit for bit like the engine; see docs/onnx.md. "
+                                   "Needs the onnx extra: pip install 'intsim[onnx]'.")
+    x.add_argument("program", metavar="PROGRAM", help="program file (from 'intsim calibrate')")
+    x.add_argument("-o", "--out", required=True, metavar="FILE", help="ONNX file to write")
 
     for name, help_line in MODULE_COMMANDS.items():
         mod = _module(name)
@@ -276,6 +284,25 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from intsim.program.format import load
+    check_writable(a.out, "ONNX file")
+    try:
+        from .onnx_export import export_onnx
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"intsim export needs onnx and onnxruntime (pip install 'intsim[onnx]'): {e}") from None
+    prog = load(a.program)
+    t0 = time.perf_counter()
+    info = export_onnx(prog, a.out)
+    print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
+          f"{sum(info['nodes'].values())} nodes, {info['initializers']} initializers "
+          f"({info['initializer_bytes']} bytes)")
+    for op_type, n in info["nodes"].items():
+        print(f"  {op_type:16s} {n}")
+    return 0
+
+
 def cmd_bundle(a) -> int:
     from .data import BUNDLE, make_bundle
     m = make_bundle(a.cifar_zip, BUNDLE, a.calib, a.eval)
@@ -283,7 +310,7 @@ def cmd_bundle(a) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "bundle": cmd_bundle,
+COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, "export": cmd_export, "bundle": cmd_bundle,
             **{name: (lambda a, _n=name: _module(_n).run(a)) for name in MODULE_COMMANDS}}
 
 

@@ -108,3 +108,12 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
     out.append(("skip_rq", steps["skip_rq"], WIDE, True, "intermediate", "rq(skip, mult, shift): the skip at the output scale"))
     out.append(("sum", steps["sum"], WIDE, True, "intermediate", "a + skip_rq, before the output clamp"))
     return out
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.6: y = sat(a + rq(skip, mult, shift), lo, hi)."""
+    a, skip = inputs
+    at = op["attrs"]
+    smax = 2 ** (int(prog.values[op["inputs"][1]]["bits"]) - 1)          # |skip| <= 2^(R-1) (an int value)
+    return g.sat(g.add(a, g.rq(skip, int(at["mult"]), int(at["shift"]), amax=smax)), at["lo"], at["hi"])

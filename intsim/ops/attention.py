@@ -573,3 +573,39 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
     out.append(("O", st["O"], Ab, True, "intermediate", "accsat(O_raw): the output accumulator (B, H, T, d)"))
     out.append(("rq", st["rq"], WIDE, True, "intermediate", "rq(O, mult, shift) (B, H, T, d)"))
     return out
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.4 per image and head: heads by Reshape/Transpose, A = accsat((q - zp_q)(k - zp_k)^T) as an
+    int64 ``MatMul``, m = ReduceMax, u = rq(m - A), e by the exp table (``OnnxGraph.exp_of``), p by the
+    row reciprocal (``OnnxGraph.probs``), the threshold encoding and the decode table
+    (``OnnxGraph.encode_decode``), O = accsat(dec (v - zp_v)), y = sat(rq(O) + zp)."""
+    q, k, v = inputs
+    at = op["attrs"]
+    T, D = (int(s) for s in prog.values[op["inputs"][0]]["shape"])
+    H = int(at["heads"])
+    if D % H:
+        raise ProgramError(f"onnx export: attention {op['name']!r}: width {D} is not a multiple of {H} heads")
+    d = D // H
+    P, G, E = int(at["prob_bits"]), int(at["recip_frac"]), int(at["exp_frac_bits"])
+    if P + G >= 61:
+        raise ProgramError(f"onnx export: attention {op['name']!r}: prob_bits + recip_frac = {P + G} >= 61")
+    Ab = prog.settings["acc_bits"]
+
+    def heads(a: str, zp: int) -> str:                  # (B, T, D) -> (B, H, T, d)
+        return g.transpose(g.reshape(g.sub(a, g.i64(int(zp))), [-1, T, H, d]), [0, 2, 1, 3])
+
+    qh, kh, vh = heads(q, at["zp_q"]), heads(k, at["zp_k"]), heads(v, at["zp_v"])
+    cmax = {n: max(int(at[f"zp_{n}"]), 2 ** int(prog.values[i]["bits"]) - 1 - int(at[f"zp_{n}"]))
+            for n, i in zip("qkv", op["inputs"])}                        # max |code - zp|
+    A = g.accsat(g.matmul(qh, g.transpose(kh, [0, 1, 3, 2]), d * cmax["q"] * cmax["k"], name="scores"), Ab)
+    m = g.reduce("ReduceMax", A, -1)
+    u = g.rq(g.sub(m, A), int(at["score_mult"]), int(at["score_shift"]), amax=2**Ab - 1, nonneg=True)   # 0 <= m - A < 2^A
+    e = g.exp_of(u, tensor64(prog, op, "exp_table"), E)
+    p = g.probs(e, P, G, int(tensor64(prog, op, "exp_table").max()))
+    dec = g.encode_decode(p, tensor64(prog, op, "thresholds"), tensor64(prog, op, "decode"))
+    dmax = int(np.abs(tensor64(prog, op, "decode")).max())
+    O = g.accsat(g.matmul(dec, vh, T * dmax * cmax["v"], name="output_gemm"), Ab)
+    y = g.sat(g.add(g.rq(O, int(at["mult"]), int(at["shift"]), amax=2 ** (Ab - 1)), g.i64(int(at["zp"]))), at["lo"], at["hi"])
+    return g.reshape(g.transpose(y, [0, 2, 1, 3]), [-1, T, D])

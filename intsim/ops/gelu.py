@@ -119,3 +119,12 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
             "GELU table[i] = output code of input i - 2^(g-1) (2^g)"))
     out.append(("index", steps["index"], gb, False, "intermediate", "table index x + 2^(g-1)"))
     return out
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.5: y = table[x + 2^(g-1)] as a ``Gather`` (the input is in range: it is a saturated g-bit value)."""
+    (x,) = inputs
+    gb = int(prog.settings["gelu_bits"])
+    return g.node("Gather", [g.const("table", tensor64(prog, op, "table")), g.add(x, g.i64(2 ** (gb - 1)))],
+                  name="table_lookup", axis=0)

@@ -235,3 +235,39 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
     out.append(("n", st["n"], WIDE, True, "intermediate", "n[i] = rshift(c[i] inv, K - F) (B, T', D)"))
     out.append(("pre_sat", st["pre_sat"], WIDE, True, "intermediate", "rshift(n gmul + gadd, S) + zp, before the output clamp"))
     return out
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.3 row by row (reductions over the last axis, kept): S1, S2, c = D x - S1, V = D S2 - S1^2,
+    sd = isqrt(V) (float64 estimate + exact integer correction, ``OnnxGraph.isqrt``),
+    inv = 0 if sd == 0 else rdiv(2^K, sd), n = rshift(c inv, K - F), y = sat(rshift(n gmul + gadd, S) + zp)."""
+    (x,) = inputs
+    at = op["attrs"]
+    K, F, S = int(at["recip_bits"]), int(at["norm_frac"]), int(at["shift"])
+    if not 0 <= K - F <= 62 or K > 60:
+        raise ProgramError(f"onnx export: layernorm {op['name']!r}: recip_bits {K} / norm_frac {F} cannot be lowered")
+    if at["tokens"] == "first":
+        x = g.node("Slice", [x, g.i64([0]), g.i64([1]), g.i64([1])], name="first_token")
+    elif at["tokens"] != "all":
+        raise ProgramError(f"onnx export: layernorm {op['name']!r}: tokens {at['tokens']!r}")
+    D = int(prog.values[op["inputs"][0]]["shape"][-1])
+    Dc = g.i64(D)
+    S1 = g.reduce("ReduceSum", x, -1)
+    S2 = g.reduce("ReduceSum", g.mul(x, x), -1)
+    c = g.sub(g.mul(x, Dc), S1)
+    V = g.sub(g.mul(S2, Dc), g.mul(S1, S1))
+    sd = g.isqrt(V)
+    zero = g.node("Equal", [sd, g.i64(0)], name="sd_zero")
+    inv = g.rdiv_pos(2**K, g.node("Max", [sd, g.i64(1)]))
+    inv = g.node("Where", [zero, g.i64(0), inv], name="inv")
+    # bounds for the short rshift form: |c_i| <= sqrt(D V) <= D 2^R (|x| <= 2^(R-1)), sd >= sqrt(V)/2,
+    # inv <= 2^K / sd + 1/2, so |c inv| <= 2 sqrt(D) 2^K + D 2^R; |n| <= that / 2^(K-F) + 1
+    R = int(prog.values[op["inputs"][0]]["bits"])
+    cinv = 2 * (math.isqrt(D) + 1) * 2**K + D * 2**R
+    n = g.rshift(g.mul(c, inv), K - F, amax=cinv)
+    gmul, gadd = tensor64(prog, op, "gmul"), tensor64(prog, op, "gadd")
+    pmax = (cinv // 2 ** (K - F) + 1) * int(np.abs(gmul).max()) + int(np.abs(gadd).max())
+    pre = g.add(g.mul(n, g.const("gmul", gmul)), g.const("gadd", gadd))
+    pre = g.add(g.rshift(pre, S, amax=pmax), g.i64(int(at["zp"])))
+    return g.sat(pre, at["lo"], at["hi"])

@@ -221,3 +221,24 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
     out.append(("acc", st["acc"], A, True, "intermediate", "accsat(acc_raw): the accumulator"))
     out.append(("rq", st["rq"], WIDE, True, "intermediate", "rq(acc, mult[c], shift[c]) = rshift(acc * mult[c], shift[c])"))
     return out
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_gemm(g, op: dict[str, Any], prog: Program, x: str) -> str:
+    """acc = accsat(bias + x @ w^T): the GEMM exactly (``OnnxGraph.matmul``: float32/float64 where the
+    bound K * max|x| * max|w| proves it exact, else int64), then the bias in int64."""
+    w = tensor64(prog, op, "w").T                                        # (K, N)
+    info = prog.values[op["inputs"][0]]
+    xmax = 255 if info["kind"] == "image" else 2 ** int(info["bits"]) - 1
+    bound = w.shape[0] * xmax * (int(np.abs(w).max()) if w.size else 0)
+    acc = g.add(g.matmul(x, w, bound), g.const("bias", tensor64(prog, op, "bias")))
+    return g.accsat(acc, prog.settings["acc_bits"])
+
+
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.1: y = sat(rq(accsat(bias + x w^T), mult[c], shift[c]) + zp[c], lo, hi), per-channel constants
+    broadcast over the last axis."""
+    (x,) = inputs
+    acc = lower_gemm(g, op, prog, x)
+    r = g.rq(acc, tensor64(prog, op, "mult"), tensor64(prog, op, "shift"), amax=2 ** (prog.settings["acc_bits"] - 1))
+    return g.sat(g.add(r, g.const("zp", tensor64(prog, op, "zp"))), op["attrs"]["lo"], op["attrs"]["hi"])

@@ -12,12 +12,11 @@ import numpy as np
 
 from intsim.kernels.epilogues import linear_epilogue
 from intsim.program.fixedpoint import ExportError
-from intsim.program.program import Program
+from intsim.program.program import Program, ProgramError
 from intsim.program.quantizers import rnd
 
 from . import linear
-from .base import EPI_ROWS_PER_TASK, i64
-from .base import check_in, check_shape
+from .base import EPI_ROWS_PER_TASK, check_in, check_shape, i64, tensor64
 from .linear import LinearEngine
 
 NAME = "patch_embed"
@@ -167,3 +166,26 @@ def vector_arrays(program: Program, op: dict[str, Any], steps: dict[str, np.ndar
     return [("x", steps["x"], 8, False, "intermediate",
              "patch vectors x[t-1, (ch p + ky) p + kx] = image[ch, i p + ky, j p + kx], t = 1 + i (W/p) + j")] \
         + linear.vector_arrays(program, op, steps)
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_patches(g, image: str, shape: list[int], p: int) -> str:
+    """x[b, i*(W/p) + j, (ch*p + ky)*p + kx] = image[b, ch, i*p + ky, j*p + kx] (Reshape, Transpose, Reshape)."""
+    C, H, W = shape
+    if H % p or W % p:
+        raise ProgramError(f"onnx export: image {H} x {W} is not a multiple of the patch size {p}")
+    x = g.reshape(image, [-1, C, H // p, p, W // p, p])
+    x = g.transpose(x, [0, 2, 4, 1, 3, 5])
+    return g.reshape(x, [-1, (H // p) * (W // p), C * p * p])
+
+
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """4.2: patch vectors, the GEMM of 4.1, then ``Pad`` one zero token in front (the class token) so
+    that y = sat([0; rq(acc)] + pos, lo, hi) gives y[0] = sat(pos[0]) and y[t] = sat(rq(acc[t]) + pos[t])."""
+    (image,) = inputs
+    at = op["attrs"]
+    x = lower_patches(g, image, prog.values[op["inputs"][0]]["shape"], at["patch"])
+    acc = linear.lower_gemm(g, op, prog, x)
+    r = g.rq(acc, tensor64(prog, op, "mult"), tensor64(prog, op, "shift"), amax=2 ** (prog.settings["acc_bits"] - 1))
+    r = g.node("Pad", [r, g.i64([0, 1, 0, 0, 0, 0])], name="class_token", mode="constant")
+    return g.sat(g.add(r, g.const("pos", tensor64(prog, op, "pos"))), at["lo"], at["hi"])

@@ -12,9 +12,9 @@ import numpy as np
 
 from intsim.program.program import Program, ProgramError
 
-from .base import EngineOp, i64, ints, value_range, zero_counts
 from intsim.program.fixedpoint import ExportError
-from .base import check_in, check_shape
+
+from .base import EngineOp, check_in, check_shape, i64, ints, tensor64, value_range, zero_counts
 
 NAME = "patch_merge"
 SPEC = "9.2"
@@ -101,3 +101,12 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 
 def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     return 0
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """9.2: y[t, k*C + c] = x[src[t, k], c]: ``Gather`` on the token axis with src (T/4, 4), then Reshape."""
+    (x,) = inputs
+    T, C = (int(s) for s in prog.values[op["inputs"][0]]["shape"])
+    y = g.node("Gather", [x, g.const("src", tensor64(prog, op, "src"))], name="merge", axis=1)
+    return g.reshape(y, [-1, T // 4, 4 * C])

@@ -12,6 +12,7 @@ import numpy as np
 
 from intsim.program.program import Program, ProgramError
 
+from . import patch_embed
 from .base import EngineOp, int_attr, ints, zero_counts
 from intsim.program.fixedpoint import ExportError
 from .base import check_in, check_shape
@@ -90,3 +91,10 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 
 def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     return 0
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """9.1: the patch vectors of 4.2 (Reshape, Transpose, Reshape; no arithmetic)."""
+    (image,) = inputs
+    return patch_embed.lower_patches(g, image, prog.values[op["inputs"][0]]["shape"], int(op["attrs"]["patch"]))

@@ -87,3 +87,12 @@ def cost(prog: Program, op: dict[str, Any], c: dict[str, Any]) -> None:
 
 def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     return 0
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """9.4: y = sat(rq(accsat(sum_t x[t]), mult, shift) + zp, lo, hi) (ReduceSum over tokens, kept)."""
+    (x,) = inputs
+    at = op["attrs"]
+    S = g.accsat(g.reduce("ReduceSum", x, 1), prog.settings["acc_bits"])
+    return g.sat(g.add(g.rq(S, int(at["mult"]), int(at["shift"]), amax=2 ** (prog.settings["acc_bits"] - 1)), g.i64(int(at["zp"]))), at["lo"], at["hi"])

@@ -17,8 +17,7 @@ from intsim.program.fixedpoint import ExportError
 from intsim.program.program import Program, ProgramError
 
 from . import attention
-from .base import EngineOp, i64, int_attr, ints
-from .base import check_in, max_abs
+from .base import EngineOp, check_in, i64, int_attr, ints, max_abs, tensor64
 
 NAME = "window_attention"
 SPEC = "9.3"
@@ -216,3 +215,52 @@ def scratch_bits(prog: Program, op: dict[str, Any]) -> int:
     """One window's n x n probability matrix at ``prob_bits``."""
     n_tok = prog.t(op, "tokens").shape[1]
     return n_tok * n_tok * op["attrs"]["prob_bits"]
+
+
+# ---- onnx lowering: the op as standard ONNX nodes (called by intsim.onnx_export) -------------
+def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
+    """9.3: windows by ``Gather`` of the token table on the token axis, A = accsat(2^F dot + bias)
+    with bias = bias_table[:, rel_index] (a ``Gather``), the masked softmax (m over valid positions by
+    ``Where`` with -2^63, e = 0 where masked), then the encoding, decode and output GEMM of 4.4;
+    the window reverse is a ``Gather`` with the inverse permutation of the token table."""
+    q, k, v = inputs
+    at = op["attrs"]
+    T, D = (int(s) for s in prog.values[op["inputs"][0]]["shape"])
+    H, Fb = int(at["heads"]), int(at["score_frac"])
+    tokens = tensor64(prog, op, "tokens")
+    nW, n = tokens.shape
+    if D % H or nW * n != T or not np.array_equal(np.sort(tokens.ravel()), np.arange(T)):
+        raise ProgramError(f"onnx export: window_attention {op['name']!r}: inconsistent heads, windows or token table")
+    d = D // H
+    P, G, E = int(at["prob_bits"]), int(at["recip_frac"]), int(at["exp_frac_bits"])
+    if P + G >= 61 or not 0 <= Fb <= 30:
+        raise ProgramError(f"onnx export: window_attention {op['name']!r}: prob_bits + recip_frac or score_frac out of range")
+    Ab = prog.settings["acc_bits"]
+    tok = g.const("tokens", tokens)
+
+    def win(a: str, zp: int) -> str:                    # (B, T, D) -> (B, nW, H, n, d)
+        w = g.node("Gather", [g.sub(a, g.i64(int(zp))), tok], name="window_partition", axis=1)
+        return g.transpose(g.reshape(w, [-1, nW, n, H, d]), [0, 1, 3, 2, 4])
+
+    qw, kw, vw = win(q, at["zp_q"]), win(k, at["zp_k"]), win(v, at["zp_v"])
+    cmax = {c: max(int(at[f"zp_{c}"]), 2 ** int(prog.values[i]["bits"]) - 1 - int(at[f"zp_{c}"]))
+            for c, i in zip("qkv", op["inputs"])}                        # max |code - zp|
+    dot = g.matmul(qw, g.transpose(kw, [0, 1, 2, 4, 3]), d * cmax["q"] * cmax["k"], name="scores")
+    bias = g.node("Gather", [g.const("bias_table", tensor64(prog, op, "bias_table")),
+                             g.const("rel_index", tensor64(prog, op, "rel_index"))], name="rel_bias", axis=1)
+    A = g.accsat(g.add(g.mul(dot, g.i64(2**Fb)), bias), Ab)              # (B, nW, H, n, n)
+    mask = g.const("mask", np.asarray(prog.t(op, "mask"), np.int64).reshape(1, nW, 1, n, n))
+    valid = g.node("Equal", [mask, g.i64(0)], name="valid")
+    m = g.reduce("ReduceMax", g.node("Where", [valid, A, g.i64(-(2**63))], name="masked_scores"), -1)
+    diff = g.sub(m, g.node("Where", [valid, A, m]))
+    diff = g.node("Where", [valid, diff, g.i64(0)], name="masked_diff")
+    u = g.rq(diff, int(at["score_mult"]), int(at["score_shift"]), amax=2**Ab - 1, nonneg=True)   # 0 <= m - A < 2^A
+    e = g.node("Where", [valid, g.exp_of(u, tensor64(prog, op, "exp_table"), E), g.i64(0)], name="masked_exp")
+    p = g.probs(e, P, G, int(tensor64(prog, op, "exp_table").max()))
+    dec = g.encode_decode(p, tensor64(prog, op, "thresholds"), tensor64(prog, op, "decode"))
+    dmax = int(np.abs(tensor64(prog, op, "decode")).max())
+    O = g.accsat(g.matmul(dec, vw, n * dmax * cmax["v"], name="output_gemm"), Ab)
+    y = g.sat(g.add(g.rq(O, int(at["mult"]), int(at["shift"]), amax=2 ** (Ab - 1)), g.i64(int(at["zp"]))), at["lo"], at["hi"])
+    y = g.reshape(g.transpose(y, [0, 1, 3, 2, 4]), [-1, nW * n, D])
+    inverse = np.argsort(tokens.ravel()).astype(np.int64)
+    return g.node("Gather", [y, g.const("tokens_inverse", inverse)], name="window_reverse", axis=1)
