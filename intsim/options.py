@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .program.program import json_default
 
 SOFTMAX_QUANTS = ("tanq", "uniform", "log2", "log2sqrt")
 LN_RULES = ("mosf", "mean")
@@ -103,15 +104,6 @@ def text_table(rows) -> str:
     out = ["  ".join(v.rjust(x) if i else v.ljust(x) for i, (v, x) in enumerate(zip(r, w))) for r in rows]
     out.insert(1, "  ".join("-" * x for x in w))
     return "\n".join(out)
-
-
-def json_default(o):
-    import numpy as np
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    raise TypeError(type(o))
 
 
 def parse_settings(items: list[str]) -> dict[str, int]:

@@ -23,24 +23,14 @@ from typing import Any
 import numpy as np
 
 from .fixedpoint import ExportError
-from .program import DEFAULT_SETTINGS, FORMAT, META_KEY, VALUE_KINDS, VERSION, Program, ProgramError
+from .program import DEFAULT_SETTINGS, FORMAT, META_KEY, VALUE_KINDS, VERSION, Program, ProgramError, json_default
 from intsim.ops import OP_SCHEMA
 from intsim.ops import get as op_module
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o)}")
-
-
 def header_json(header: dict[str, Any]) -> str:
     """Canonical JSON of a header (sorted keys, no whitespace): the same header gives the same bytes."""
-    return json.dumps(header, sort_keys=True, separators=(",", ":"), default=_json_default, allow_nan=False)
+    return json.dumps(header, sort_keys=True, separators=(",", ":"), default=json_default, allow_nan=False)
 
 
 def save(program: Program, path: str | os.PathLike) -> None:

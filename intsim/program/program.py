@@ -81,3 +81,14 @@ class Program:
             if o["name"] == name:
                 return o
         raise KeyError(name)
+
+
+def json_default(o: Any) -> Any:
+    """``json.dump``'s ``default`` for numpy scalars and arrays (headers, reports, manifests)."""
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o)}")

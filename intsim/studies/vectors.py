@@ -40,6 +40,7 @@ import numpy as np
 
 from intsim import ops as registry
 from intsim.ops.base import SHIFT_BITS, value_width
+from intsim.program.program import json_default
 from reference.golden import run as golden_run
 
 from ..errors import UserError
@@ -367,16 +368,6 @@ def write_vectors(program, layer: str, images: np.ndarray, out: str | os.PathLik
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return man
-
-
-def json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
 
 
 # ---- checking --------------------------------------------------------------------------------
