@@ -93,7 +93,7 @@ def test_every_op_module_holds_every_piece(op_type):
     m = ops.get(op_type)
     assert m.NAME == op_type
     for piece in ("SPEC", "INPUTS", "ATTRS", "TENSORS", "FLOAT", "ENGINE", "cost", "scratch_bits",
-                  "export", "fq_forward"):
+                  "export", "check_bounds", "fq_forward", "lower_onnx"):
         assert hasattr(m, piece), f"intsim/ops/{op_type}.py lacks {piece}"
     assert issubclass(m.ENGINE, EngineOp)
     # its spec section exists and names the op
