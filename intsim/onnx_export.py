@@ -30,15 +30,13 @@ doc string names the spec section it implements.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from intsim import ops
-from intsim.program.program import Program, ProgramError
+from intsim.program.program import Program, ProgramError, write_atomic
 
 #: the ONNX opset the graphs declare (onnxruntime 1.17+ executes it)
 OPSET = 18
@@ -360,16 +358,7 @@ def export_onnx(prog: Program, path: str | os.PathLike) -> dict[str, Any]:
     cannot be expressed."""
     m = build_onnx(prog)
     data = m.SerializeToString()
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data)
     return summary(m)
 
 

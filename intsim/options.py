@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .program.program import json_default
+from .program.program import json_default, write_atomic
 
 SOFTMAX_QUANTS = ("tanq", "uniform", "log2", "log2sqrt")
 LN_RULES = ("mosf", "mean")
@@ -73,17 +73,8 @@ def check_writable(path: str | None, what: str) -> None:
 
 
 def write_json_atomic(path: str, data: dict) -> None:
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=json_default)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``data`` as indented, key-sorted JSON at ``path``, written atomically."""
+    write_atomic(path, (json.dumps(data, indent=1, sort_keys=True, default=json_default) + "\n").encode())
 
 
 def print_report(title: str, table: str, report: dict, json_path: str | None) -> int:

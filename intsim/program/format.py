@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .fixedpoint import ExportError
-from .program import DEFAULT_SETTINGS, FORMAT, META_KEY, VALUE_KINDS, VERSION, Program, ProgramError, json_default
+from .program import DEFAULT_SETTINGS, FORMAT, META_KEY, VALUE_KINDS, VERSION, Program, ProgramError, json_default, write_atomic
 from intsim.ops import OP_SCHEMA
 from intsim.ops import get as op_module
 
@@ -40,16 +39,7 @@ def save(program: Program, path: str | os.PathLike) -> None:
     validate(program)
     data = st_save({k: np.ascontiguousarray(v) for k, v in sorted(program.tensors.items())},
                    metadata={META_KEY: header_json(program.header)})
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data)
 
 
 def load(path: str | os.PathLike) -> Program:
