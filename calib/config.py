@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from intsim.program.format import DEFAULT_SETTINGS
+from intsim.program.format import DEFAULT_SETTINGS, check_settings
 from intsim.program.quantizers import TYPES as SOFTMAX_TYPES
 
 LN_RULES = ("mosf", "mean")
@@ -88,6 +88,8 @@ class CalibConfig:
         for name in ("wbits", "abits"):
             if name in self.settings and self.settings[name] != getattr(self, name):
                 raise ValueError(f"settings[{name!r}]={self.settings[name]} disagrees with {name}={getattr(self, name)}")
+        # the settings' own bounds (docs/integer-spec.md section 8), before any calibration work
+        check_settings({**DEFAULT_SETTINGS, **self.settings, "wbits": self.wbits, "abits": self.abits})
 
     def resolved_settings(self) -> dict[str, int]:
         """DEFAULT_SETTINGS overridden by ``settings`` and by ``wbits`` / ``abits`` (sorted keys)."""

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from . import options
 from .errors import UserError
 from .options import check_writable, program_and_model, write_json_atomic
+from .program.program import write_atomic
 
 # Sleeping (not spinning) OpenMP workers: on a 2-core machine spinning threads of torch and Numba
 # starve each other (torch at batch 1 measured 2 s instead of 0.14 s per image). Must be set
@@ -119,7 +119,7 @@ def cmd_calibrate(a) -> int:
     from intsim.program.format import save
     from intsim.models.zoo import DEFAULT_MODEL, load_model
     check_writable(a.out, "program file")
-    options.parse_settings(a.set)
+    options.calib_config(a)
     progress = not a.no_progress
     model, spec, info = load_model(a.model or DEFAULT_MODEL, weights=a.weights or "pretrained",
                                    checkpoint=a.checkpoint, seed=a.seed)
@@ -143,7 +143,8 @@ def cmd_run(a) -> int:
     check_writable(a.json, "JSON report")
     check_writable(a.save_program, "program file")
     check_writable(a.logits, "logits file")
-    options.parse_settings(a.set)
+    if not a.program:
+        options.calib_config(a)
     progress = not a.no_progress
     calib_s = None
     prog, model, spec, info = program_and_model(a)
@@ -228,16 +229,11 @@ def _write_logits(path: str, evaluation, labels, ids, scale: float) -> None:
             arrays[f"{name}_int"] = r.int_logits
         else:
             arrays[name] = r.logits
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:          # a file object: savez would append .npz to a name
+            np.savez(f, **arrays)
+    write_atomic(path, write)
 
 
 def cmd_inspect(a) -> int:
@@ -315,19 +311,24 @@ COMMANDS = {"run": cmd_run, "calibrate": cmd_calibrate, "inspect": cmd_inspect, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    if not a.cmd:
-        ap.print_help()
-        return 2
-    from intsim.program.format import ProgramError
-    from reference.golden import SpecViolation
+    """Exit codes: 0 done; 1 checked and found different (``vectors --check``); 2 bad input (one
+    line on stderr, no traceback, no partial output); 130 interrupted (Ctrl-C)."""
     try:
-        return COMMANDS[a.cmd](a)
-    except (UserError, ProgramError, SpecViolation) as e:
-        # bad input: one line (a program file is untrusted input, docs/integer-spec.md section 8)
-        print(f"intsim: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        ap = build_parser()
+        a = ap.parse_args(argv)
+        if not a.cmd:
+            ap.print_help()
+            return 2
+        from intsim.program.fixedpoint import ExportError
+        from intsim.program.format import ProgramError
+        from reference.golden import SpecViolation
+        try:
+            return COMMANDS[a.cmd](a)
+        except (UserError, ProgramError, SpecViolation, ExportError) as e:
+            # bad input: one line (a program file is untrusted input, docs/integer-spec.md section 8;
+            # an ExportError is a setting the model's bounds cannot meet)
+            print(f"intsim: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         print("intsim: interrupted; no partial output was written", file=sys.stderr)
         return 130

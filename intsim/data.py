@@ -30,6 +30,13 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLE = ASSETS / "cifar10_bundle.zip"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".jpe")
 
+#: Largest image accepted, in pixels (width x height), checked from the file's header before any
+#: pixel is decoded: 64 megapixels (an ImageNet photo is at most about 12); a larger one is
+#: refused with a message (a decompression bomb would otherwise take gigabytes).
+MAX_PIXELS = 64_000_000
+#: Largest image file accepted, in bytes (read into memory before decoding).
+MAX_FILE_BYTES = 256 << 20
+
 
 @dataclass
 class ImageSet:
@@ -126,9 +133,26 @@ def _list_zip(z: zipfile.ZipFile, prefix: str) -> tuple[list[tuple[str, int]], l
 def _decode(data: bytes, name: str, transform: Transform) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise UserError(f"{name}: {w}x{h} pixels is more than the limit of {MAX_PIXELS:,} "
+                                "(intsim.data.MAX_PIXELS); refusing to decode it")
             return transform(im)
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:      # PIL's own, larger limit, raised while opening
+        raise UserError(f"{name}: refusing to decode it: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{name} could not be read as an image: {e}") from None
+
+
+def _read_bytes(zf: zipfile.ZipFile | None, name: str) -> bytes:
+    """The bytes of image ``name`` (a zip member or a file), at most ``MAX_FILE_BYTES``."""
+    try:
+        size = zf.getinfo(name).file_size if zf is not None else Path(name).stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"{name}: {size:,} bytes is more than the limit of {MAX_FILE_BYTES:,} for one image")
+        return zf.read(name) if zf is not None else Path(name).read_bytes()
+    except (OSError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{name} could not be read: {e}") from None
 
 
 def _pick(items: list[tuple[str, int]], n: int | None, seed: int) -> list[tuple[str, int]]:
@@ -175,7 +199,7 @@ class ImageStream:
         t = self.transform
         imgs = np.empty((stop - start, 3, t.size, t.size), dtype=np.uint8)
         for i, (name, _) in enumerate(self.items[start:stop]):
-            data = self._zip.read(name) if self._zip is not None else Path(name).read_bytes()
+            data = _read_bytes(self._zip, name)
             imgs[i] = _decode(data, name, t)
         return imgs
 

@@ -40,6 +40,38 @@ def positive(v: str) -> int:
     return n
 
 
+def non_negative(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not '{v}'") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {n}")
+    return n
+
+
+def seed(v: str) -> int:
+    """A seed of torch and numpy's generators: an integer in 0..2^32-1."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to 2^32-1, not '{v}'") from None
+    if not 0 <= n < 1 << 32:
+        raise argparse.ArgumentTypeError(f"a seed must be from 0 to 2^32-1, not {n}")
+    return n
+
+
+def fraction(v: str) -> float:
+    """A number in the open interval (0, 1)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), not '{v}'") from None
+    if not 0 < x < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), not {x:g}")
+    return x
+
+
 def learning_rate(v: str) -> float:
     try:
         x = float(v)
@@ -125,7 +157,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="pretrained (bundled or timm weights; default) or seeded random weights for structural "
                         "studies (accuracy is then meaningless)")
     g.add_argument("--checkpoint", metavar="PATH", help="state dict to load (.safetensors, .pth, .bin)")
-    g.add_argument("--seed", type=int, default=0, help="seed of random weights, image draws and calibration (0)")
+    g.add_argument("--seed", type=seed, default=0, help="seed of random weights, image draws and calibration (0)")
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -168,12 +200,20 @@ def transform_for(spec):
 
 
 def calib_config(a):
+    """The ``CalibConfig`` of parsed calibration options, validated against the spec's bounds
+    (section 8) before any work: a bad ``--set`` value is a ``UserError`` (exit 2) here, not a
+    traceback after calibration."""
     from calib import CalibConfig
     recon = {}
     if getattr(a, "reconstruct", False):
         recon = dict(reconstruct=True, recon_images=a.recon_images, recon_iters=a.recon_iters, recon_lr=a.recon_lr)
-    return CalibConfig(wbits=a.wbits or a.bits, abits=a.abits or a.bits, softmax_quant=a.softmax_quant,
-                       ln_rule=a.ln_rule, seed=a.seed, settings=parse_settings(a.set), **recon)
+    cfg = CalibConfig(wbits=a.wbits or a.bits, abits=a.abits or a.bits, softmax_quant=a.softmax_quant,
+                      ln_rule=a.ln_rule, seed=a.seed, settings=parse_settings(a.set), **recon)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UserError(f"bad quantization options: {e}") from None
+    return cfg
 
 
 def versions() -> dict:

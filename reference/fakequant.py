@@ -75,7 +75,9 @@ class FakeQuantContext:
     def post_softmax(self, op) -> ProbsFn:
         """The function an attention op applies to its float post-softmax values: the experiment's
         ``probs_transform`` (if any), then the op's ``softmax_quant`` quantizer (encode, levels)."""
-        sq, edit, name = from_dict(op["attrs"]["softmax_quant"]), self.probs_transform, op["name"]
+        # a softmax_quant without "bits" has the program's abits (as the loader's check_bounds reads it)
+        sq = from_dict({"bits": int(self.program.settings["abits"]), **op["attrs"]["softmax_quant"]})
+        edit, name = self.probs_transform, op["name"]
         if edit is None:
             return sq.quantize_torch
         return lambda probs: sq.quantize_torch(edit(name, probs))

@@ -171,3 +171,86 @@ def test_every_subcommand_is_dispatched():
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "cmd")
     assert set(sub.choices) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("residual_bits=64", "residual_bits must be in 2..32"), ("gelu_bits=30", "gelu_bits must be in 2..16"),
+    ("exp_frac_bits=40", "exp_frac_bits (E) must be in 0..12"), ("acc_bits=-5", "acc_bits in 2..63"),
+    ("mult_bits=1", "mult_bits in 2..32"), ("prob_bits=0", "prob_bits (P) must be in 1..24"),
+    ("acc_bits=" + "9" * 40, "is not an int64 integer")])
+def test_bad_setting_value_exits_2_before_calibration(capsys, tmp_path, monkeypatch, setting, message):
+    import calib
+
+    def never(*a, **k):
+        raise AssertionError("calibration started")
+    monkeypatch.setattr(calib, "calibrate", never)
+    for cmd in (["calibrate", "-o", str(tmp_path / "p.intsim")], ["run", "--images", "2"]):
+        rc, _, err = run_cli(capsys, *cmd, "--set", setting)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p.intsim").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--seed", "-1"], "a seed must be from 0 to 2^32-1"),
+    (["run", "--images", "0"], "expected a positive integer, not 0"),
+    (["run", "--batch-size", "0"], "expected a positive integer, not 0"),
+    (["run", "--calib-images", "-3"], "expected a positive integer, not -3"),
+    (["run", "--golden-images", "x"], "expected a positive integer, not 'x'"),
+    (["run", "--recon-lr", "2"], "expected a learning rate in (0, 1)"),
+    (["clipping", "--fraction", "1.5"], "expected a number in (0, 1)"),
+    (["bench", "--threads", "0"], "expected a positive integer"),
+    (["bench", "--wbits", "9"], "bits must be from 2 to 8"),
+    (["vectors", "--program", "p", "--images", "0"], "expected a positive integer"),
+    (["plot", "softmax", "--program", "p", "--block", "-1"], "expected an integer >= 0"),
+])
+def test_numeric_options_are_range_checked_by_argparse(capsys, argv, message):
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_image_pixel_limit(capsys, tmp_path, monkeypatch):
+    """An image larger than intsim.data.MAX_PIXELS (a decompression bomb) is refused from its header."""
+    from PIL import Image
+
+    from intsim import data
+    from intsim.options import transform_for
+    from intsim.models.zoo import DEFAULT_MODEL, resolve
+    (tmp_path / "cat").mkdir()
+    Image.new("1", (9000, 8000)).save(tmp_path / "cat" / "bomb.png")      # 72 Mpx, 10 kB on disk
+    tf, _ = transform_for(resolve(DEFAULT_MODEL))
+    with pytest.raises(data.UserError, match=r"9000x8000 pixels is more than the limit of 64,000,000"):
+        data.open_images(tmp_path, tf, None)
+    monkeypatch.setattr(data, "MAX_PIXELS", 10 ** 12)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)                   # PIL's own check, at open
+    with pytest.raises(data.UserError, match="refusing to decode it"):
+        data.open_images(tmp_path, tf, None)
+
+
+def test_interrupt_exits_130_and_leaves_no_file(capsys, tmp_path, monkeypatch):
+    from intsim import cli
+    from intsim.program.program import write_atomic
+    target = tmp_path / "out.bin"
+
+    def interrupted_write(a):
+        def half(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        write_atomic(target, half)
+    monkeypatch.setitem(cli.COMMANDS, "inspect", interrupted_write)
+    rc, _, err = run_cli(capsys, "inspect", "x")
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_the_umask_mode(tmp_path):
+    import os
+
+    from intsim.program.program import write_atomic
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a", b"x")
+        write_atomic(tmp_path / "b", lambda tmp: open(tmp, "wb").close())
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"a": 0o640, "b": 0o640}

@@ -9,13 +9,17 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from intsim.cli import main as cli_main
 from intsim.engine import Engine
-from intsim.program.format import MAX_DEPTH, load, validate
+from intsim.program.format import MAX_DEPTH, load, save, validate
 from intsim.program.program import ProgramError
 from intsim.studies import fuzz
 from reference.golden import run as golden_run
+
+from program_strategies import corrupted_files, programs
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +209,29 @@ def test_fuzz_fast_subset():
     rep = fuzz.fuzz(200, seed=1)
     assert not rep.failures, fuzz.format_report(rep, 200, 0.0)
     assert rep.counts["rejected"] > 100 and rep.counts["ran"] > 10
+
+
+@given(prog=programs(), seed=st.integers(0, 2 ** 32 - 1))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_valid_program_loads_and_engine_equals_golden(tmp_path_factory, prog, seed):
+    """Programs of drawn shape and settings: saved, loaded (validation passes), and engine == golden
+    bit for bit on drawn images; fake-quant runs."""
+    path = tmp_path_factory.mktemp("p") / "p.intsim"
+    save(prog, path)
+    outcome, detail = fuzz.run_one(str(path), seed % 1000)
+    assert outcome in ("ran", "spec"), detail
+
+
+@given(case=corrupted_files())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_corruption_is_rejected_or_runs_clean(tmp_path_factory, case):
+    """One drawn corruption of a program file: inspect exits 2 with one line and load raises
+    ProgramError, or the program runs with engine == golden (never a traceback or a mismatch)."""
+    what, data = case
+    path = tmp_path_factory.mktemp("c") / "c.intsim"
+    path.write_bytes(data)
+    outcome, detail = fuzz.run_one(str(path))
+    assert outcome in fuzz.OUTCOMES_OK, f"{what}: {outcome}: {detail}"
 
 
 @pytest.mark.slow

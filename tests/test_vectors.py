@@ -162,6 +162,78 @@ def test_cli_write_and_check(prog, tmp_path, capsys):
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def _rewrite_hex(d, man, name, arrays):
+    """Write ``arrays[name]`` into its hex file too, so that only the later checks can tell."""
+    meta = man["arrays"][name]
+    mask = (1 << meta["bits"]) - 1
+    (d / meta["file"]).write_text("".join(format(int(v) & mask, f"0{meta['digits']}x") + "\n"
+                                          for v in arrays[name].reshape(-1)))
+
+
+MALFORMED = {
+    # name: (edit of (manifest, arrays), expected message)
+    "op a number": (lambda m, a: m.update(op=3), "'op' must be an object"),
+    "wrong format": (lambda m, a: m.update(format="other"), "not an intsim-vectors manifest"),
+    "roles not list": (lambda m, a: m.update(roles="q"), "'roles' must be a list"),
+    "shape not list": (lambda m, a: m["arrays"]["q"].update(shape="x"), "arrays.q.shape"),
+    "bits huge": (lambda m, a: m["arrays"]["q"].update(bits=10 ** 30), "arrays.q.bits"),
+    "file escapes": (lambda m, a: m["arrays"]["q"].update(file="../../etc/passwd"), "plain .hex file name"),
+    "group unknown": (lambda m, a: m["arrays"]["q"].update(group="evil"), "arrays.q.group"),
+    "counts not ints": (lambda m, a: m.update(golden_counts={"acc": "x"}), "golden_counts"),
+    "too few roles": (lambda m, a: m.update(roles=["q", "k"]), "names 2 inputs"),
+    "float input": (lambda m, a: a.update(q=a["q"].astype(float)), "dtype float64, integers expected"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_check_refuses_malformed_folder(prog, tmp_path, capsys, case):
+    """vectors --check on a folder from elsewhere: a malformed manifest or npz exits 2 with one line."""
+    f = tmp_path / "p.intsim"
+    save(prog, f)
+    d = tmp_path / "vec"
+    write_vectors(prog, "blocks.0.attn.core", _images(2, 3), d)
+    man = json.loads((d / "manifest.json").read_text())
+    with np.load(d / NPZ) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    edit, message = MALFORMED[case]
+    edit(man, arrays)
+    (d / "manifest.json").write_text(json.dumps(man))
+    np.savez(d / NPZ, **arrays)
+    capsys.readouterr()
+    assert main(["vectors", "--check", str(d), "--program", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit", ["out_of_range", "shape", "batch"])
+def test_check_refuses_inputs_the_kernels_cannot_take(prog, tmp_path, edit):
+    """Stored inputs consistent between npz and hex but outside the op's input value (a code of 2^40,
+    a wrong token count, two batch sizes) are refused before the engine (no bounds checks) sees them."""
+    d = tmp_path / "vec"
+    write_vectors(prog, "blocks.0.attn.core", _images(2, 3), d)
+    man = json.loads((d / "manifest.json").read_text())
+    with np.load(d / NPZ) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    if edit == "out_of_range":
+        arrays["q"][0, 0, 0] = 1 << 40
+        man["arrays"]["q"]["bits"] = 64
+        man["arrays"]["q"]["digits"] = 16
+        message = "outside the range"
+    elif edit == "shape":
+        arrays["q"] = arrays["q"][:, :3]
+        man["arrays"]["q"]["shape"] = list(arrays["q"].shape)
+        message = "has shape"
+    else:
+        arrays["q"] = arrays["q"][:1]
+        man["arrays"]["q"]["shape"] = list(arrays["q"].shape)
+        message = "holds 2 images, the others 1"
+    _rewrite_hex(d, man, "q", arrays)
+    (d / "manifest.json").write_text(json.dumps(man))
+    np.savez(d / NPZ, **arrays)
+    with pytest.raises(UserError, match=message):
+        verify_vectors(prog, d)
+
+
 @pytest.mark.parametrize("layer", ["blocks.3.attn.core", "blocks.3.mlp.fc1", "blocks.3.mlp.fc2"])
 def test_bundled_model_vectors(layer, tmp_path, capsys):
     """Vectors of one attention layer and the MLP layers of the bundled trained model (W4A4, DopQ-ViT),

@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -97,14 +97,28 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o)}")
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then a rename;
-    nothing is left behind on failure or interrupt."""
+def file_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask: the mode an ordinary ``open(path, "w")`` would give
+    (``tempfile.mkstemp`` creates 0600 files, so atomic writes set this before the rename)."""
+    um = os.umask(0)
+    os.umask(um)
+    return base & ~um
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[str], None]) -> None:
+    """Write ``path`` atomically: a temporary file in the same folder (``data`` itself, or what the
+    callable ``data(tmp_path)`` writes there), the umask's mode, then a rename; nothing is left
+    behind on failure or interrupt (SIGINT); only SIGKILL can leave a hidden ``.NAME.*.tmp``."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

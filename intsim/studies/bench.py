@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
+from ..options import bits, positive
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = ("deit_t", "deit_s", "cifar10_vit_d6")
@@ -54,16 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None,
                    help=f"comma-separated model short names (default {','.join(DEFAULT_MODELS)}; --quick: deit_t)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes (default 1,8,32; --quick: 1,8)")
-    p.add_argument("--threads", type=int, default=2, help="threads for torch and Numba (default 2)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per batch size (default 5; --quick: 3)")
+    p.add_argument("--threads", type=positive, default=2, help="threads for torch and Numba (default 2)")
+    p.add_argument("--repeats", type=positive, default=None, help="timed rounds per batch size (default 5; --quick: 3)")
     p.add_argument("--json", default=None, metavar="FILE", help="write all results as JSON")
     p.add_argument("--quick", action="store_true", help="deit_t, batch 1 and 8, fewer rounds, small calibration")
-    p.add_argument("--wbits", type=int, default=4)
-    p.add_argument("--abits", type=int, default=4)
+    p.add_argument("--wbits", type=bits, default=4)
+    p.add_argument("--abits", type=bits, default=4)
     p.add_argument("--program-source", choices=("calib", "random"), default="calib",
                    help="calibrate the program (timed), or build a random one of the model's shape")
-    p.add_argument("--calib-images", type=int, default=None, help="calibration images (default 8; --quick: 2)")
-    p.add_argument("--golden-images", type=int, default=1, help="images for the golden model (slow; default 1)")
+    p.add_argument("--calib-images", type=positive, default=None, help="calibration images (default 8; --quick: 2)")
+    p.add_argument("--golden-images", type=positive, default=1, help="images for the golden model (slow; default 1)")
     p.add_argument("--cold-compile", action="store_true",
                    help="also time a fresh process with an empty Numba cache (compiles every kernel; slow)")
     p.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive")

@@ -47,15 +47,15 @@ def zero_fraction(p: torch.Tensor, fraction: float, mode: str) -> torch.Tensor:
 
 
 def add_arguments(p) -> None:
-    from ..options import add_calib_args, add_model_args, count_or_all
+    from ..options import add_calib_args, add_model_args, count_or_all, fraction, positive
     add_model_args(p)
     add_calib_args(p)
     g = p.add_argument_group("experiment")
-    g.add_argument("--fraction", type=float, default=0.01,
+    g.add_argument("--fraction", type=fraction, default=0.01,
                    help="fraction of each attention map's values to zero (default 0.01 = 1%%)")
     g.add_argument("--data", metavar="PATH", help="evaluation images (default: the bundled 2,000 test images)")
     g.add_argument("--images", type=count_or_all, default=None, help="number of evaluation images, or 'all'")
-    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--batch-size", type=positive, default=100)
     g.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 

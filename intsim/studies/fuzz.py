@@ -4,11 +4,12 @@ A small valid random program (``intsim.studies.random_program.make_program``) is
 mutated in structured ways -- header fields given wrong JSON types, extremes, NaN / infinity,
 negative values; op attributes and value-table entries likewise; integer tables with bit flips,
 extremes, reversed order; float tensors with NaN / infinity; the file truncated -- and each mutant
-goes through ``intsim inspect`` (in process), ``intsim.program.format.load``, the engine and the
-golden model on one image. Every mutant must end in one of the accepted outcomes:
+goes through ``intsim inspect`` (in process), ``intsim.program.format.load``, the golden model,
+the engine and the fake-quant model (``reference.fakequant``) on one image: the pieces of
+``intsim run --program``. Every mutant must end in one of the accepted outcomes:
 
 * ``rejected``: ``intsim inspect`` exits 2 with one line and ``load`` raises ``ProgramError``;
-* ``ran``: the program loads, and engine and golden run and agree bit for bit;
+* ``ran``: the program loads, engine and golden run and agree bit for bit, and fake-quant runs;
 * ``spec``: the program loads and the golden model raises ``SpecViolation`` on the data (a bound
   that depends on the data; ``intsim run`` exits 2 with one line).
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from intsim.program.format import load
 from intsim.program.program import META_KEY, ProgramError
+from intsim.options import positive, seed
 from intsim.studies.random_program import make_program
 
 #: Replacement values of a header field: wrong JSON types, extremes, non-finite, negative.
@@ -263,6 +265,16 @@ def run_one(path: str, image_seed: int = 0) -> tuple[str, str]:
         return "traceback", f"engine: {type(e).__name__}: {e}"[:300]
     if not np.array_equal(r.logits, g.logits):
         return "mismatch", f"engine {r.logits.tolist()} golden {g.logits.tolist()}"
+    try:                                           # the fake-quant level of `intsim run` (float semantics)
+        import torch
+
+        from reference.fakequant import FakeQuantModel
+        with torch.inference_mode():
+            y = FakeQuantModel(prog)(img)
+        if tuple(y.shape) != tuple(g.logits.shape):
+            return "traceback", f"fake-quant: logits of shape {tuple(y.shape)}, golden {g.logits.shape}"
+    except Exception as e:                         # noqa: BLE001
+        return "traceback", f"fake-quant: {type(e).__name__}: {e}"[:300]
     return "ran", ""
 
 
@@ -312,8 +324,8 @@ def format_report(rep: Report, n: int, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m intsim.studies.fuzz", description=__doc__.split("\n")[0])
-    ap.add_argument("--mutations", type=int, default=600)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mutations", type=positive, default=600)
+    ap.add_argument("--seed", type=seed, default=0)
     ap.add_argument("--memory", action="store_true", help="trace each mutant's peak memory (slower)")
     a = ap.parse_args(argv)
     if a.mutations < 1:

@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..errors import UserError
+from ..program.program import write_atomic
+from ..options import bits, non_negative
 
 if TYPE_CHECKING:
     import torch
@@ -54,42 +55,14 @@ def _figure(w: float, h: float):
     return fig
 
 
-def _default_mode(base: int = 0o666) -> int:
-    """``base`` less the process umask (mkstemp creates 0600 files)."""
-    um = os.umask(0)
-    os.umask(um)
-    return base & ~um
-
-
 def _save(fig, path: str | os.PathLike) -> str:
     """Write ``fig`` as PNG atomically (temporary name in the same folder, then rename)."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return str(p)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    return str(Path(path))
 
 
 def _write_json(path: str | os.PathLike, data: Any) -> None:
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
-            f.write("\n")
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
 
 
 # ---- (a) sweep: accuracy against cost ------------------------------------------------------------
@@ -436,8 +409,8 @@ def add_arguments(p) -> None:
                                    "calibration images, with the levels of the uniform, log2, log2sqrt and TanQ "
                                    "quantizers drawn over it (the program's own where it matches, else searched).")
     m.add_argument("--program", required=True, metavar="FILE")
-    m.add_argument("--block", type=int, default=0, help="block index (default 0)")
-    m.add_argument("--bits", type=int, default=None, help="quantizer bits (default: the program's abits)")
+    m.add_argument("--block", type=non_negative, default=0, help="block index (default 0)")
+    m.add_argument("--bits", type=bits, default=None, help="quantizer bits (default: the program's abits)")
     m.add_argument("--calib-data", metavar="PATH", help="images (default: the bundled calibration set)")
     m.add_argument("--images", type=positive, default=32, help="number of images (32)")
     m.add_argument("--no-search", action="store_true", help="default quantizer parameters instead of a search")

@@ -67,14 +67,14 @@ def hybrid_fakequant(program, integer_types):
 
 
 def add_arguments(p) -> None:
-    from ..options import add_calib_args, add_model_args, count_or_all
+    from ..options import add_calib_args, add_model_args, count_or_all, positive
     add_model_args(p)
     add_calib_args(p)
     g = p.add_argument_group("evaluation")
     g.add_argument("--program", metavar="FILE", help="evaluate this program file instead of calibrating")
     g.add_argument("--data", metavar="PATH", help="evaluation images (default: the bundled 2,000 test images)")
     g.add_argument("--images", type=count_or_all, default=None, help="number of evaluation images, or 'all'")
-    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--batch-size", type=positive, default=100)
     g.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 

@@ -39,11 +39,12 @@ from typing import Any
 import numpy as np
 
 from intsim import ops as registry
-from intsim.ops.base import SHIFT_BITS, value_width
+from intsim.ops.base import SHIFT_BITS, value_range, value_width
 from intsim.program.program import json_default
 from reference.golden import run as golden_run
 
 from ..errors import UserError
+from ..options import positive, seed
 
 #: op types with test vectors: those whose op module has ``vector_arrays``
 SUPPORTED = tuple(t for t, m in registry.MODULES.items() if hasattr(m, "vector_arrays"))
@@ -372,15 +373,97 @@ def write_vectors(program, layer: str, images: np.ndarray, out: str | os.PathLik
 
 # ---- checking --------------------------------------------------------------------------------
 
+#: Largest vectors.npz accepted by ``--check``, decompressed (the folder is untrusted input).
+MAX_VECTOR_BYTES = 1 << 30
+
+
 def load_vectors(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The manifest and arrays of a vectors folder, structurally checked (``UserError`` naming the
+    field): a folder from elsewhere is untrusted input, like a program file."""
+    import zipfile
     folder = Path(folder)
     if not (folder / MANIFEST).is_file() or not (folder / NPZ).is_file():
         raise UserError(f"{folder} is not a test-vector folder (no {MANIFEST} / {NPZ}); write one with "
                         "`intsim vectors --program FILE --layer NAME -o DIR`")
-    man = json.loads((folder / MANIFEST).read_text())
-    with np.load(folder / NPZ) as z:
-        arrays = {k: z[k] for k in z.files}
+    try:
+        man = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"{folder / MANIFEST} is not readable JSON: {e}") from None
+    check_manifest(man, f"{folder / MANIFEST}")
+    try:
+        with zipfile.ZipFile(folder / NPZ) as zf:
+            size = sum(i.file_size for i in zf.infolist())
+        if size > MAX_VECTOR_BYTES:
+            raise UserError(f"{folder / NPZ} holds {size:,} bytes, more than the limit of {MAX_VECTOR_BYTES:,}")
+        with np.load(folder / NPZ, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{folder / NPZ} is not a readable npz file: {e}") from None
+    for k, v in arrays.items():
+        if v.dtype.kind not in "iu":
+            raise UserError(f"{folder / NPZ}: array '{k}' has dtype {v.dtype}, integers expected")
     return man, arrays
+
+
+def check_manifest(man: Any, where: str) -> None:
+    """The manifest's structure: every field this module reads, with its type (``UserError``)."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UserError(f"{where}: {msg}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(isinstance(man, dict), "not a JSON object")
+    need(man.get("format") == "intsim-vectors" and man.get("version") == 1,
+         "not an intsim-vectors manifest of version 1")
+    op = man.get("op")
+    need(isinstance(op, dict) and all(isinstance(op.get(k), str) for k in ("name", "type")),
+         "'op' must be an object with string 'name' and 'type'")
+    roles = man.get("roles")
+    need(isinstance(roles, list) and all(isinstance(r, str) for r in roles), "'roles' must be a list of names")
+    counts = man.get("golden_counts")
+    need(isinstance(counts, dict) and all(is_int(v) for v in counts.values()),
+         "'golden_counts' must map names to integers")
+    need(isinstance(man.get("images"), dict), "'images' must be an object")
+    arrays = man.get("arrays")
+    need(isinstance(arrays, dict), "'arrays' must be an object")
+    for n, meta in arrays.items():
+        need(isinstance(meta, dict), f"arrays.{n} must be an object")
+        shape = meta.get("shape")
+        need(isinstance(shape, list) and len(shape) <= 8 and all(is_int(d) and 0 <= d < 1 << 31 for d in shape),
+             f"arrays.{n}.shape must be a list of at most 8 sizes")
+        need(is_int(meta.get("bits")) and 1 <= meta["bits"] <= 64, f"arrays.{n}.bits must be an integer in 1..64")
+        need(isinstance(meta.get("signed"), bool), f"arrays.{n}.signed must be true or false")
+        need(meta.get("group") in GROUP_TITLES, f"arrays.{n}.group must be one of {', '.join(GROUP_TITLES)}")
+        f = meta.get("file")
+        need(isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..") and f.endswith(".hex"),
+             f"arrays.{n}.file must be a plain .hex file name in the folder")
+
+
+def check_inputs(program, op: dict[str, Any], man: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """The stored op inputs are what the engine may be fed: one per input of the program's op, each of
+    shape (B, *value shape) with one B, every element within the value's declared range
+    (``UserError`` otherwise; the kernels do no bounds checking)."""
+    roles = man["roles"]
+    if len(roles) != len(op["inputs"]):
+        raise UserError(f"the manifest names {len(roles)} inputs, op '{op['name']}' has {len(op['inputs'])}")
+    batch = None
+    for role, name in zip(roles, op["inputs"]):
+        if role not in arrays:
+            raise UserError(f"{NPZ} lacks the input '{role}'")
+        x = arrays[role]
+        want = list(program.values[name]["shape"])
+        if x.ndim != len(want) + 1 or list(x.shape[1:]) != want or x.shape[0] < 1:
+            raise UserError(f"input '{role}' has shape {list(x.shape)}; op '{op['name']}' takes (B, "
+                            f"{', '.join(map(str, want))})")
+        if batch is not None and x.shape[0] != batch:
+            raise UserError(f"input '{role}' holds {x.shape[0]} images, the others {batch}")
+        batch = x.shape[0]
+        lo, hi = value_range(program, name)
+        if x.size and (int(x.min()) < lo or int(x.max()) > hi):
+            raise UserError(f"input '{role}' has values in {int(x.min())}..{int(x.max())}, outside the range "
+                            f"{lo}..{hi} of the program's value {name}")
 
 
 def verify_vectors(program, folder: str | os.PathLike, gemm: str = "auto") -> list[str]:
@@ -404,13 +487,17 @@ def verify_vectors(program, folder: str | os.PathLike, gemm: str = "auto") -> li
             continue
         if list(arrays[n].shape) != meta["shape"]:
             problems.append(f"'{n}' has shape {list(arrays[n].shape)}, the manifest says {meta['shape']}")
+            continue
         f = folder / meta["file"]
         if not f.is_file():
             problems.append(f"{meta['file']} is missing")
             continue
+        if f.stat().st_size > 4 * MAX_VECTOR_BYTES:
+            problems.append(f"{meta['file']} is larger than {4 * MAX_VECTOR_BYTES:,} bytes")
+            continue
         try:
             h = parse_hex(f.read_text(), meta["bits"], meta["signed"], meta["shape"])
-        except ValueError as e:
+        except (ValueError, UnicodeDecodeError) as e:
             problems.append(f"{meta['file']} does not parse: {e}")
             continue
         if not np.array_equal(h, arrays[n]):
@@ -421,12 +508,13 @@ def verify_vectors(program, folder: str | os.PathLike, gemm: str = "auto") -> li
             if key not in program.tensors or not np.array_equal(np.asarray(program.tensors[key], np.int64), arrays[n]):
                 problems.append(f"stored '{n}' is not the program's tensor {key}")
         elif meta["group"] == "attr":
-            if int(op["attrs"].get(n, -1 << 70)) != int(arrays[n]):
-                problems.append(f"stored attribute '{n}' = {int(arrays[n])} is not the program's "
+            if arrays[n].size != 1 or op["attrs"].get(n) != int(arrays[n].reshape(-1)[0]):
+                problems.append(f"stored attribute '{n}' = {arrays[n].tolist()} is not the program's "
                                 f"{op['attrs'].get(n)!r}")
     roles = man["roles"]
     if problems or any(r not in arrays for r in roles) or "y" not in arrays:
         return problems or ["the stored inputs or output are missing"]
+    check_inputs(program, op, man, arrays)
     y, counts = run_op(program, op, *(arrays[r] for r in roles), gemm=gemm)
     y = np.asarray(y, dtype=np.int64)
     want = arrays["y"]
@@ -453,10 +541,10 @@ def add_arguments(p) -> None:
     p.add_argument("--program", required=True, metavar="FILE", help="the program file")
     p.add_argument("--layer", metavar="NAME", help="op name, e.g. blocks.0.attn.core or blocks.0.mlp.fc1 "
                                                    "(an unknown name lists the available ones)")
-    p.add_argument("--images", type=int, default=2, metavar="K", help="number of images (default 2)")
+    p.add_argument("--images", type=positive, default=2, metavar="K", help="number of images (default 2)")
     p.add_argument("--data", metavar="PATH", help="images: ImageFolder tree or zip (default: the bundled "
                                                    "CIFAR-10 evaluation images)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image draw from --data (0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the image draw from --data (0)")
     p.add_argument("-o", "--out", metavar="DIR", help="folder to write (created; a previous vectors folder "
                                                       "is replaced)")
     p.add_argument("--check", metavar="DIR", help="instead: re-run the op of the vectors in DIR with the engine "
