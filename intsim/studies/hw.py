@@ -19,9 +19,10 @@ ceil(elements / epc). Patchify and patch merging move data only: no cycles.
 Energy per image = MACs x (multiply at the operand widths + add at the accumulator width) + SRAM
 and DRAM traffic x energy per bit + unit elements x energy per element, from an editable table
 (default: Horowitz, ISSCC 2014, 45 nm: ``intsim/assets/energy_45nm.json``; ``--energy-table``).
-SRAM words are input codes, weight codes and partial sums at the accumulator width; DRAM output
-words are the op's output codes (requantized before write-back). docs/co-design.md has the model
-and a worked example.
+Input words are input codes (ifmap), filter words weight codes (or the K / V codes of attention),
+output words accumulators at ``acc_bits`` (SCALE-Sim writes every output word the array produces,
+partial sums of each reduction fold included, through the output SRAM to DRAM; requantization is
+not part of its model). docs/co-design.md has the model and a worked example.
 """
 from __future__ import annotations
 
@@ -84,7 +85,6 @@ class Gemm:
     count: int
     a_bits: int        # input (ifmap) operand width
     b_bits: int        # filter operand width
-    out_bits: int      # width of the words written back to DRAM
 
 
 @dataclass
@@ -114,8 +114,7 @@ def lower(prog) -> list[Lowered]:
         if t in ("linear", "patch_embed"):
             n, k = prog.t(op, "w").shape
             m = vals[op["output"]]["shape"][0] - (1 if t == "patch_embed" else 0)
-            lo.gemms.append(Gemm("gemm", int(m), int(n), int(k), 1, int(vals[op["inputs"][0]]["bits"]),
-                                 int(s["wbits"]), int(vals[op["output"]]["bits"])))
+            lo.gemms.append(Gemm("gemm", int(m), int(n), int(k), 1, int(vals[op["inputs"][0]]["bits"]), int(s["wbits"])))
         elif t in ("attention", "window_attention"):
             at = op["attrs"]
             tokens, d_model = (int(v) for v in vals[op["inputs"][0]]["shape"])
@@ -126,9 +125,8 @@ def lower(prog) -> list[Lowered]:
                 n_win, n_tok = (int(v) for v in prog.t(op, "tokens").shape)
                 count = n_win * heads
             ab = int(s["abits"])
-            lo.gemms.append(Gemm("scores", n_tok, n_tok, d, count, ab, ab, int(s["acc_bits"])))
-            lo.gemms.append(Gemm("probs_v", n_tok, d, n_tok, count, int(at["decode_bits"]) + 1, ab,
-                                 int(vals[op["output"]]["bits"])))
+            lo.gemms.append(Gemm("scores", n_tok, n_tok, d, count, ab, ab))
+            lo.gemms.append(Gemm("probs_v", n_tok, d, n_tok, count, int(at["decode_bits"]) + 1, ab))
             lo.units["softmax"] = count * n_tok * n_tok
         elif t == "layernorm":
             rows, d = (int(v) for v in vals[op["inputs"][0]]["shape"])
@@ -276,7 +274,7 @@ def _gemm_figures(g: Gemm, sim: dict, table: dict, acc_bits: int) -> dict[str, A
     sr, sw, dr, dw = sim["sram_reads"], sim["sram_writes"], sim["dram_reads"], sim["dram_writes"]
     macs = g.m * g.n * g.k * c
     sram_bits = c * (sr["ifmap"] * g.a_bits + sr["filter"] * g.b_bits + sw["ofmap"] * acc_bits)
-    dram_bits = c * (dr["ifmap"] * g.a_bits + dr["filter"] * g.b_bits + dw["ofmap"] * g.out_bits)
+    dram_bits = c * (dr["ifmap"] * g.a_bits + dr["filter"] * g.b_bits + dw["ofmap"] * acc_bits)
     return {
         **{k: v for k, v in asdict(g).items()},
         "macs": macs, "macs_width": f"{g.a_bits}x{g.b_bits}",
