@@ -40,6 +40,7 @@ MODULE_COMMANDS = {
     "profile": "post-LayerNorm channel range profile of a float model (max / median)",
     "sensitivity": "engine vs fake-quant gap next to fake-quant's own float64 and int-grid siblings",
     "bench": "speed and memory of every level against torch, as ratios",
+    "hw": "cycles, SRAM/DRAM traffic and energy per image on a systolic array (SCALE-Sim)",
 }
 _MODULE_OF = {"plot": "plots"}     # command -> module, where the names differ
 
