@@ -168,6 +168,15 @@ def check_settings(s: dict[str, int]) -> None:
     need(s["ln_norm_frac"] <= s["ln_recip_bits"], "ln_norm_frac must not exceed ln_recip_bits (shift K - F >= 0)")
 
 
+#: Largest float tensor magnitude: float32's (the fake-quant model may run in float32).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def max_abs_float(a: np.ndarray) -> float:
+    """``max |a|`` of a finite float array (0.0 when empty)."""
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
 def is_int(v: Any) -> bool:
     """A JSON integer (not a boolean) that fits an int64."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and -(1 << 63) <= v < (1 << 63)
@@ -351,9 +360,10 @@ def validate(prog: Program, where: str = "program", bounds: bool = True) -> None
                 want = tuple(dims[s] for s in shape)
                 if tuple(arr.shape) != want:
                     raise ProgramError(f"{where}: tensor '{key}' has shape {tuple(arr.shape)}, expected {want}")
-                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                    raise ProgramError(f"{where}: op '{name}' ({typ}): {tname} holds NaN or infinity, "
-                                       f"breaks finite float tensors")
+                if arr.dtype.kind == "f" and not (np.isfinite(arr).all()
+                                                  and max_abs_float(arr) <= FLOAT32_MAX):
+                    raise ProgramError(f"{where}: op '{name}' ({typ}): {tname} holds NaN, infinity or a "
+                                       f"magnitude above float32's, breaks finite float tensors")
         produced.add(op["output"])
     if h["output"] not in produced:
         raise ProgramError(f"{where}: output '{h['output']}' is never produced")
