@@ -154,6 +154,8 @@ def cmd_run(a) -> int:
     check_writable(a.json, "JSON report")
     check_writable(a.save_program, "program file")
     check_writable(a.logits, "logits file")
+    if a.onnx_images is not None and not a.onnx:
+        raise UserError("--onnx-images needs --onnx")
     if a.onnx:
         from .onnx_run import require
         require(what="intsim run --onnx")

@@ -395,3 +395,5 @@ def test_run_onnx_without_onnxruntime_exits_2_before_work(capsys, monkeypatch):
     assert main(["--no-progress", "run", "--weights", "random", "--onnx"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("intsim: error: intsim run --onnx needs onnx and onnxruntime") and err.count("\n") == 1
+    assert main(["--no-progress", "run", "--weights", "random", "--onnx-images", "3"]) == 2
+    assert capsys.readouterr().err == "intsim: error: --onnx-images needs --onnx\n"
