@@ -205,7 +205,7 @@ def cmd_run(a) -> int:
     report = ev.compare(evaluation, labels if len(data.classes) == prog.model.get("num_classes") else None)
     if a.onnx:
         from .onnx_run import engine_vs_onnx
-        report["engine_vs_onnx"] = engine_vs_onnx(evaluation)
+        report["engine_vs_onnx"] = engine_vs_onnx(evaluation, onnx_level)
     s = prog.settings
     report["config"] = {
         "model": spec.name, "timm_name": spec.timm_name, "weights": info.get("weights"),

@@ -87,16 +87,21 @@ class OnnxLevel:
         return _Logits(run_onnx(self.sess, images, self.batch_size))
 
 
-def engine_vs_onnx(evaluation) -> dict | None:
+def engine_vs_onnx(evaluation, level: OnnxLevel | None = None) -> dict | None:
     """Logits that differ between the ``onnx`` level and the engine on the images both ran (the
-    ``onnx`` level may run on a prefix, ``--onnx-images``), as ``engine_vs_golden`` does."""
+    ``onnx`` level may run on a prefix, ``--onnx-images``), as ``engine_vs_golden`` does; with the
+    ``level``, also the exported graph's node and initializer figures."""
     L = evaluation.levels
     if "onnx" not in L or "engine" not in L:
         return None
     n = L["onnx"].images
     e, o = L["engine"].int_logits[:n], L["onnx"].int_logits
-    return {"images": n, "logits_compared": int(o.size), "logits_differing": int((e != o).sum()),
-            "max_abs_diff": int(np.abs(e - o).max()) if o.size else 0}
+    out = {"images": n, "logits_compared": int(o.size), "logits_differing": int((e != o).sum()),
+           "max_abs_diff": int(np.abs(e - o).max()) if o.size else 0}
+    if level is not None:
+        out["graph"] = {k: level.info[k] for k in ("nodes", "initializers", "initializer_bytes", "opset")}
+        out["graph"]["node_count"] = sum(level.info["nodes"].values())
+    return out
 
 
 def format_engine_vs_onnx(r: dict) -> str:

@@ -384,6 +384,8 @@ def test_run_onnx_level(capsys, tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["engine_vs_onnx"]["logits_differing"] == 0 and rep["levels"]["onnx"]["images"] == 4
     assert rep["config"]["onnx_images"] == 4
+    gr = rep["engine_vs_onnx"]["graph"]
+    assert gr["node_count"] == sum(gr["nodes"].values()) > 0 and gr["initializer_bytes"] > 0
     lg = np.load(tmp_path / "l.npz")
     np.testing.assert_array_equal(lg["onnx_int"], lg["engine_int"][:4])
     assert not list(tmp_path.glob("*.onnx"))
