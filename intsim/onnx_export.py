@@ -26,6 +26,11 @@ expressed with standard ONNX operators only (no custom domain):
 
 Initializers are named after the program tensors (``blocks.3.attn.core.thresholds``) and each node's
 doc string names the spec section it implements.
+
+``flavor="qonnx"`` (``intsim export --flavor qonnx``) emits the threshold encoders as QONNX
+``MultiThreshold`` nodes instead of the binary search (``OnnxGraph.encode_multithreshold``, exact in
+qonnx's float32 containers for ``prob_bits <= 24``); everything else is the same graph. The model's
+metadata props record the flavour (``intsim.flavor``).
 """
 from __future__ import annotations
 
