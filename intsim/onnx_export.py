@@ -8,8 +8,10 @@ the section ``# ---- onnx lowering`` at the end of the module); this module hold
 builder ``g`` they write into and the integer building blocks of docs/integer-spec.md section 1
 expressed with standard ONNX operators only (no custom domain):
 
-* every value is an ``int64`` tensor; integer GEMMs are int64 ``MatMul`` (exact: the spec's
-  bounds keep every sum below 2^63, and int64 arithmetic in onnxruntime is exact two's complement);
+* every value is an ``int64`` tensor; an integer GEMM is a float32 / float64 ``MatMul`` where its
+  bound proves every partial sum below 2^24 / 2^53 (``OnnxGraph.matmul``), else an int64 ``MatMul``
+  (exact: the spec's bounds keep every sum below 2^63, int64 arithmetic in onnxruntime is exact
+  two's complement);
 * ``rshift(a, n)`` (round half up, floor of negatives): ONNX ``Div`` on integers truncates toward
   zero and ``BitShift`` takes unsigned types only, so neither is used on a signed value. With
   ``d = 2^n``, ``r = Mod(a, d)`` (``fmod = 0``: the sign of the divisor, so ``0 <= r < d``, i.e.
