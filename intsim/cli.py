@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-program", metavar="FILE", help="also write the calibrated program here")
     g.add_argument("--logits", metavar="FILE",
                    help="write every level's logits (npz: float, fakequant, engine_int, golden_int, labels, ids)")
+    g.add_argument("--onnx", action="store_true",
+                   help="fifth level: export the program to ONNX (temporary file) and run it with onnxruntime; "
+                        "reports the logits that differ from the engine (needs the onnx extra)")
+    g.add_argument("--onnx-images", type=options.count_or_all, default=None,
+                   help="with --onnx: run onnxruntime on the first N evaluation images, or 'all' (default: all)")
 
     c = sub.add_parser("calibrate", help="calibrate and write the integer program",
                        description="Calibrate the model with DopQ-ViT (or a baseline) and write the integer "
@@ -89,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_calib_args(c)
     c.add_argument("-o", "--out", required=True, metavar="FILE", help="program file to write")
 
-    i = sub.add_parser("inspect", help="summarize a program file",
-                       description="Print a program's model, settings, provenance and op list.")
+    i = sub.add_parser("inspect", help="summarize a program file or an exported .onnx graph",
+                       description="Print a program's model, settings, provenance and op list; for a file whose "
+                                   "name ends in .onnx, the graph's flavour, opsets, node counts per op type and "
+                                   "initializer count and bytes.")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--json", metavar="FILE", help="write the summary as JSON")
 
@@ -100,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Needs the onnx extra: pip install 'intsim[onnx]'.")
     x.add_argument("program", metavar="PROGRAM", help="program file (from 'intsim calibrate')")
     x.add_argument("-o", "--out", required=True, metavar="FILE", help="ONNX file to write")
+    x.add_argument("--flavor", choices=("onnx", "qonnx"), default="onnx",
+                   help="onnx: standard operators only (default); qonnx: the post-softmax encoders as QONNX "
+                        "MultiThreshold nodes (domain qonnx.custom_op.general), the rest as onnx")
 
     for name, help_line in MODULE_COMMANDS.items():
         mod = _module(name)
@@ -144,6 +154,11 @@ def cmd_run(a) -> int:
     check_writable(a.json, "JSON report")
     check_writable(a.save_program, "program file")
     check_writable(a.logits, "logits file")
+    if a.onnx_images is not None and not a.onnx:
+        raise UserError("--onnx-images needs --onnx")
+    if a.onnx:
+        from .onnx_run import require
+        require(what="intsim run --onnx")
     if not a.program:
         options.calib_config(a)
     progress = not a.no_progress
@@ -176,13 +191,21 @@ def cmd_run(a) -> int:
         "engine": lambda x: ev.run_integer(lambda y: engine.run(y, batch_size=bs), x, scale, bs, "engine", False),
         "golden": lambda x: ev.run_integer(lambda y: golden_run(prog, y), x, scale, bs, "golden", False),
     }
+    limits = {"golden": n_golden}
+    if a.onnx:
+        from .onnx_run import OnnxLevel
+        onnx_level = OnnxLevel(prog, bs)
+        levels["onnx"] = lambda x: ev.run_integer(onnx_level, x, scale, bs, "onnxruntime", False)
+        limits["onnx"] = len(data) if a.onnx_images is None else min(a.onnx_images, len(data))
     setup_s = time.perf_counter() - t_start
-    evaluation = ev.evaluate_stream(data, levels, chunk=max(bs, 256), limits={"golden": n_golden},
-                                    progress=progress)
+    evaluation = ev.evaluate_stream(data, levels, chunk=max(bs, 256), limits=limits, progress=progress)
     cs = compile_stats()
     if n_golden == 0:
         evaluation.levels.pop("golden", None)
     report = ev.compare(evaluation, labels if len(data.classes) == prog.model.get("num_classes") else None)
+    if a.onnx:
+        from .onnx_run import engine_vs_onnx
+        report["engine_vs_onnx"] = engine_vs_onnx(evaluation, onnx_level)
     s = prog.settings
     report["config"] = {
         "model": spec.name, "timm_name": spec.timm_name, "weights": info.get("weights"),
@@ -193,6 +216,7 @@ def cmd_run(a) -> int:
         "ln_rule": options.calibration_info(prog).get("ln_rule"),
         "settings": s, "program": a.program, "seed": a.seed,
         "eval_source": data.source, "eval_images": len(data), "golden_images": n_golden,
+        "onnx_images": limits.get("onnx"),
         "labels": report["levels"]["float"].get("top1") is not None,
     }
     report["timing"] = {"calibration_s": calib_s, "engine_setup_s": engine_setup_s, "setup_s": setup_s,
@@ -213,6 +237,9 @@ def cmd_run(a) -> int:
         print("(the data's classes do not match the model's classifier: top-1 is not reported)")
     print()
     print(ev.format_table(report))
+    if report.get("engine_vs_onnx"):
+        from .onnx_run import format_engine_vs_onnx
+        print(format_engine_vs_onnx(report["engine_vs_onnx"]))
     if a.json:
         write_json_atomic(a.json, report)
         print(f"\nwrote {a.json}")
@@ -241,6 +268,9 @@ def cmd_inspect(a) -> int:
     import numpy as np
 
     from intsim.program.format import load
+    from .onnx_run import is_onnx_path
+    if is_onnx_path(a.file):
+        return _inspect_onnx(a)
     prog = load(a.file)
     h = prog.header
     m, s = h["model"], h["settings"]
@@ -281,6 +311,17 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _inspect_onnx(a) -> int:
+    from .onnx_run import format_inspect, inspect_onnx, require
+    require(what="intsim inspect of an .onnx file")
+    check_writable(a.json, "JSON summary")
+    info = inspect_onnx(a.file)
+    print(format_inspect(info))
+    if a.json:
+        write_json_atomic(a.json, info)
+    return 0
+
+
 def cmd_export(a) -> int:
     from intsim.program.format import load
     check_writable(a.out, "ONNX file")
@@ -291,8 +332,9 @@ def cmd_export(a) -> int:
         raise UserError(f"intsim export needs onnx and onnxruntime (pip install 'intsim[onnx]'): {e}") from None
     prog = load(a.program)
     t0 = time.perf_counter()
-    info = export_onnx(prog, a.out)
-    print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
+    info = export_onnx(prog, a.out, flavor=a.flavor)
+    print(f"wrote {a.out} ({Path(a.out).stat().st_size / 1e6:.2f} MB, flavour {a.flavor}) in "
+          f"{time.perf_counter() - t0:.1f} s: "
           f"{sum(info['nodes'].values())} nodes, {info['initializers']} initializers "
           f"({info['initializer_bytes']} bytes)")
     for op_type, n in info["nodes"].items():

@@ -8,8 +8,10 @@ the section ``# ---- onnx lowering`` at the end of the module); this module hold
 builder ``g`` they write into and the integer building blocks of docs/integer-spec.md section 1
 expressed with standard ONNX operators only (no custom domain):
 
-* every value is an ``int64`` tensor; integer GEMMs are int64 ``MatMul`` (exact: the spec's
-  bounds keep every sum below 2^63, and int64 arithmetic in onnxruntime is exact two's complement);
+* every value is an ``int64`` tensor; an integer GEMM is a float32 / float64 ``MatMul`` where its
+  bound proves every partial sum below 2^24 / 2^53 (``OnnxGraph.matmul``), else an int64 ``MatMul``
+  (exact: the spec's bounds keep every sum below 2^63, int64 arithmetic in onnxruntime is exact
+  two's complement);
 * ``rshift(a, n)`` (round half up, floor of negatives): ONNX ``Div`` on integers truncates toward
   zero and ``BitShift`` takes unsigned types only, so neither is used on a signed value. With
   ``d = 2^n``, ``r = Mod(a, d)`` (``fmod = 0``: the sign of the divisor, so ``0 <= r < d``, i.e.
@@ -26,6 +28,11 @@ expressed with standard ONNX operators only (no custom domain):
 
 Initializers are named after the program tensors (``blocks.3.attn.core.thresholds``) and each node's
 doc string names the spec section it implements.
+
+``flavor="qonnx"`` (``intsim export --flavor qonnx``) emits the threshold encoders as QONNX
+``MultiThreshold`` nodes instead of the binary search (``OnnxGraph.encode_multithreshold``, exact in
+qonnx's float32 containers for ``prob_bits <= 24``); everything else is the same graph. The model's
+metadata props record the flavour (``intsim.flavor``).
 """
 from __future__ import annotations
 
@@ -42,6 +49,13 @@ from intsim.program.program import Program, ProgramError, write_atomic
 OPSET = 18
 #: the graph's input and output names
 INPUT, OUTPUT = "image", "logits"
+#: export flavours: ``onnx`` (standard operators only) and ``qonnx`` (the threshold encoders as QONNX
+#: ``MultiThreshold`` nodes, everything else as in ``onnx``)
+FLAVORS = ("onnx", "qonnx")
+#: the domain of QONNX's custom operators (``MultiThreshold``) and the version the graphs import
+QONNX_DOMAIN, QONNX_OPSET = "qonnx.custom_op.general", 1
+#: MultiThreshold compares in float32 containers: every value fed to it must be below this bound
+FLOAT32_EXACT = 2**24
 
 
 class OnnxGraph:
@@ -54,10 +68,13 @@ class OnnxGraph:
     ``rq``, ``rdiv``, ``sat``, ``isqrt``, ...) emit the node sequences described in the module doc.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flavor: str = "onnx") -> None:
         import onnx                                        # optional dependency, imported on use
         from onnx import helper, numpy_helper
+        if flavor not in FLAVORS:
+            raise ProgramError(f"onnx export: unknown flavour {flavor!r} (expected one of {', '.join(FLAVORS)})")
         self.onnx, self.helper, self.numpy_helper = onnx, helper, numpy_helper
+        self.flavor = flavor
         self.nodes: list = []
         self.inits: dict[str, Any] = {}
         self._consts: dict[tuple, str] = {}
@@ -275,13 +292,27 @@ class OnnxGraph:
         p = self.rshift(self.mul(e, inv), G, amax=2 ** (P + G) + e_max, nonneg=True)
         return self.node("Min", [p, self.i64(2**P - 1)], name="prob")
 
-    def encode_decode(self, p: str, thresholds: np.ndarray, decode: np.ndarray) -> str:
-        """decode[code], code = number of k with p >= thresholds[k-1], by binary search.
+    def encode_decode(self, p: str, thresholds: np.ndarray, decode: np.ndarray, prob_bits: int | None = None,
+                      layout: str = "NCHW") -> str:
+        """decode[code], code = the number of k with p >= thresholds[k] (spec 4.4), then ``Gather`` on
+        the decode table. ``onnx`` flavour: ``encode_binary_search``; ``qonnx`` flavour:
+        ``encode_multithreshold`` (needs ``prob_bits``, the bound ``0 <= p < 2^prob_bits``, and the
+        ``data_layout`` of ``p``)."""
+        if self.flavor == "qonnx":
+            if prob_bits is None:
+                raise ProgramError(f"onnx export ({self.scope}): the qonnx encoder needs the probability width")
+            code = self.encode_multithreshold(p, thresholds, prob_bits, layout)
+        else:
+            code = self.encode_binary_search(p, thresholds)
+        return self.node("Gather", [self.const("decode", np.asarray(decode, np.int64)), code], name="decode", axis=0)
+
+    def encode_binary_search(self, p: str, thresholds: np.ndarray) -> str:
+        """The number of thresholds <= p with standard operators, by binary search.
 
         The thresholds are nondecreasing (every encoder is monotone, asserted here), so the count
         of thresholds <= p is found by a binary search: with the table padded to 2^a - 1 entries
         by 2^63 - 1 (never <= p), code starts at 0 and for s = 2^(a-1), ..., 1 becomes code + s
-        when p >= thr[code + s - 1]. Then ``Gather`` on the decode table."""
+        when p >= thr[code + s - 1]."""
         thr = np.asarray(thresholds, np.int64)
         if np.any(np.diff(thr) < 0):
             raise ProgramError(f"onnx export ({self.scope}): thresholds are not sorted; the binary-search "
@@ -297,20 +328,56 @@ class OnnxGraph:
                           name="thr_lookup", axis=0)
             ge = self.node("GreaterOrEqual", [p, t], name="thr_cmp")
             code = self.node("Where", [ge, cand, code if code is not None else self.i64(0)], name="code")
-        return self.node("Gather", [self.const("decode", np.asarray(decode, np.int64)), code], name="decode", axis=0)
+        return code
+
+    def encode_multithreshold(self, p: str, thresholds: np.ndarray, prob_bits: int, layout: str) -> str:
+        """The number of thresholds <= p as one QONNX ``MultiThreshold`` node (qonnx flavour).
+
+        MultiThreshold(x, T) with T of shape (1, steps) (one row shared by every channel),
+        out_scale 1 and out_bias 0 gives ``count_k(x >= T[0, k])``: the spec's code. qonnx computes
+        it on float containers, so exactness is proven here: ``0 <= p <= 2^P - 1`` (``probs`` clamps
+        it; P = ``prob_bits``), and each threshold is clamped into ``[0, 2^P]``, which changes no
+        comparison for such p (``t <= 0``: always true, as before; ``t >= 2^P``: always false, as
+        before). With ``2^P <= 2^24`` every input, threshold and count (at most ``steps < 2^24``) is
+        an integer that float32 represents exactly, so the float comparison and count are the
+        integer ones. The count does not depend on the order of the thresholds; the table is stored
+        sorted (the MultiThreshold convention). ``p`` goes in through ``Cast`` to float32 and the
+        code comes back through ``Cast`` to int64. Wider probabilities are refused."""
+        T = self.onnx.TensorProto
+        P = int(prob_bits)
+        if not 0 <= P or 2**P > FLOAT32_EXACT:
+            raise ProgramError(f"onnx export ({self.scope}): qonnx flavour: prob_bits {P} > 24, probabilities up to "
+                               f"2^{P} - 1 are not exact in MultiThreshold's float32 containers")
+        thr = np.sort(np.clip(np.asarray(thresholds, np.int64), 0, 2**P)).astype(np.float32)
+        steps = len(thr)
+        if steps == 0 or steps >= FLOAT32_EXACT:
+            raise ProgramError(f"onnx export ({self.scope}): qonnx flavour: {steps} thresholds cannot be a MultiThreshold")
+        tab = self.const("thresholds", thr.reshape(1, steps), dtype=np.float32)
+        x = self.node("Cast", [p], name="prob_f32", to=T.FLOAT)
+        code = self.node("MultiThreshold", [x, tab], name="multithreshold", domain=QONNX_DOMAIN,
+                         out_dtype=f"UINT{max(1, steps.bit_length())}", out_scale=1.0, out_bias=0.0,
+                         data_layout=layout)
+        return self.node("Cast", [code], name="code", to=T.INT64)
 
     # ---- the model ---------------------------------------------------------------------------
-    def model(self, inputs: list, outputs: list, name: str):
+    def model(self, inputs: list, outputs: list, name: str, metadata: dict[str, str] | None = None):
         graph = self.helper.make_graph(self.nodes, name, inputs, outputs, initializer=list(self.inits.values()))
-        m = self.helper.make_model(graph, opset_imports=[self.helper.make_opsetid("", OPSET)],
-                                   producer_name="intsim")
+        opsets = [self.helper.make_opsetid("", OPSET)]
+        if any(n.domain == QONNX_DOMAIN for n in self.nodes):
+            opsets.append(self.helper.make_opsetid(QONNX_DOMAIN, QONNX_OPSET))
+        m = self.helper.make_model(graph, opset_imports=opsets, producer_name="intsim")
         m.ir_version = 8
+        if metadata:
+            self.helper.set_model_props(m, {k: str(v) for k, v in metadata.items()})
         return m
 
 
-def build_onnx(prog: Program):
-    """The ONNX ``ModelProto`` of ``prog`` (checked by ``onnx.checker``)."""
-    g = OnnxGraph()
+def build_onnx(prog: Program, flavor: str = "onnx"):
+    """The ONNX ``ModelProto`` of ``prog`` (checked by ``onnx.checker``) in ``flavor`` (``FLAVORS``).
+
+    The model's metadata props record ``intsim.flavor`` (``onnx`` or ``qonnx``), ``intsim.model``,
+    ``intsim.wbits``/``intsim.abits`` and ``intsim.program_version``; ``intsim inspect`` reads them."""
+    g = OnnxGraph(flavor)
     T = g.onnx.TensorProto
     (inp,) = prog.header["inputs"]
     info = prog.values[inp]
@@ -339,24 +406,40 @@ def build_onnx(prog: Program):
     C, H, W = info["shape"]
     x = g.helper.make_tensor_value_info(INPUT, T.UINT8, ["batch", C, H, W])
     y = g.helper.make_tensor_value_info(OUTPUT, T.INT64, ["batch", classes])
-    m = g.model([x], [y], f"intsim:{prog.model.get('name') or prog.model.get('arch', 'program')}")
+    name = prog.model.get("name") or prog.model.get("arch", "program")
+    meta = {"intsim.flavor": flavor, "intsim.model": name, "intsim.wbits": prog.settings.get("wbits"),
+            "intsim.abits": prog.settings.get("abits"), "intsim.program_version": prog.header.get("version"),
+            "intsim.spec": "docs/integer-spec.md"}
+    m = g.model([x], [y], f"intsim:{name}", metadata=meta)
     g.onnx.checker.check_model(m)
     return m
 
 
+def flavor_of(model) -> str:
+    """The export flavour of an ONNX model: its ``intsim.flavor`` metadata prop, else ``qonnx`` when a
+    node is in the QONNX domain, else ``onnx`` (a graph from elsewhere: ``onnx`` means standard only)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if "intsim.flavor" in props:
+        return props["intsim.flavor"]
+    return "qonnx" if any(n.domain == QONNX_DOMAIN for n in model.graph.node) else "onnx"
+
+
 def summary(model) -> dict[str, Any]:
-    """Node counts per op type and initializer count and bytes of an ONNX model."""
+    """Node counts per op type, initializer count and bytes, opsets and flavour of an ONNX model."""
     from onnx import numpy_helper
     nb = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     return {"nodes": dict(sorted(Counter(n.op_type for n in model.graph.node).items())),
-            "initializers": len(model.graph.initializer), "initializer_bytes": int(nb)}
+            "initializers": len(model.graph.initializer), "initializer_bytes": int(nb),
+            "opset": {o.domain or "ai.onnx": int(o.version) for o in model.opset_import},
+            "flavor": flavor_of(model),
+            "metadata": {p.key: p.value for p in model.metadata_props}}
 
 
-def export_onnx(prog: Program, path: str | os.PathLike) -> dict[str, Any]:
+def export_onnx(prog: Program, path: str | os.PathLike, flavor: str = "onnx") -> dict[str, Any]:
     """Write ``prog`` as an ONNX model at ``path`` (atomically: a temporary file renamed into place,
-    nothing left behind on failure). Returns ``summary`` of the model. ``ProgramError`` names what
-    cannot be expressed."""
-    m = build_onnx(prog)
+    nothing left behind on failure) in ``flavor`` (``onnx`` or ``qonnx``). Returns ``summary`` of
+    the model. ``ProgramError`` names what cannot be expressed."""
+    m = build_onnx(prog, flavor)
     data = m.SerializeToString()
     write_atomic(path, data)
     return summary(m)
@@ -382,4 +465,5 @@ def run_onnx(sess: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return np.concatenate(outs) if outs else np.zeros((0, sess.get_outputs()[0].shape[-1]), np.int64)
 
 
-__all__ = ["OPSET", "INPUT", "OUTPUT", "OnnxGraph", "build_onnx", "export_onnx", "run_onnx", "session", "summary"]
+__all__ = ["OPSET", "INPUT", "OUTPUT", "FLAVORS", "QONNX_DOMAIN", "OnnxGraph", "build_onnx", "export_onnx", "flavor_of",
+           "run_onnx", "session", "summary"]

@@ -236,3 +236,166 @@ def test_unknown_op_and_inexpressible_setting_refused(tmp_path):
     with pytest.raises(ProgramError, match="not sorted"):
         export_onnx(Program(prog.header, tensors), tmp_path / "y.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the QONNX flavour (MultiThreshold), executed by qonnx's own executor -------------------------------
+
+def _qonnx_logits(prog, images):
+    pytest.importorskip("qonnx")
+    from intsim.onnx_run import run_qonnx
+    return run_qonnx(build_onnx(prog, "qonnx"), images)
+
+
+def test_qonnx_flavour_graph():
+    prog = make_program(0)
+    m = build_onnx(prog, "qonnx")
+    mt = [n for n in m.graph.node if n.op_type == "MultiThreshold"]
+    n_attn = sum(op["type"] == "attention" for op in prog.ops)
+    assert len(mt) == n_attn and all(n.domain == "qonnx.custom_op.general" for n in mt)
+    assert {n.domain for n in m.graph.node} == {"", "qonnx.custom_op.general"}
+    assert {o.domain: o.version for o in m.opset_import} == {"": 18, "qonnx.custom_op.general": 1}
+    inits = {t.name: t for t in m.graph.initializer}
+    thr = onnx.numpy_helper.to_array(inits["blocks.0.attn.core.thresholds"])
+    assert thr.dtype == np.float32 and thr.ndim == 2 and thr.shape[0] == 1          # (channels = 1, steps)
+    assert np.all(np.diff(thr[0]) >= 0) and thr.max() <= 2 ** prog.settings["prob_bits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mt[0].attribute}
+    assert attrs["out_scale"] == 1.0 and attrs["out_bias"] == 0.0 and attrs["data_layout"] == b"NCHW"
+    assert {p.key: p.value for p in m.metadata_props}["intsim.flavor"] == "qonnx"
+    std = build_onnx(prog)
+    assert {p.key: p.value for p in std.metadata_props}["intsim.flavor"] == "onnx"
+    assert not any(n.op_type == "MultiThreshold" for n in std.graph.node)
+
+
+@pytest.mark.parametrize("seed,kw", [
+    (0, {}),
+    (1, {"settings": {"acc_bits": 12}}),                                  # accumulators saturate
+    (5, {"abits": 2, "wbits": 2, "depth": 1, "settings": {"residual_bits": 8, "logit_bits": 8}}),
+])
+def test_qonnx_executor_bit_exact(seed, kw):
+    prog = make_program(seed, **kw)
+    images = random_images(seed + 200, 3, prog.model["img_size"])
+    np.testing.assert_array_equal(_qonnx_logits(prog, images), golden.run(prog, images).logits)
+
+
+@pytest.mark.parametrize("sq", [{"type": "log2", "delta": 0.9}, {"type": "tanq", "t0": -1.4, "t1": 1.3}])
+def test_qonnx_every_threshold_shape(sq):
+    """log2 tables put many thresholds at or past 2^P (clamped) and tanq ones near 0."""
+    prog = make_program(11, depth=1)
+    s = prog.settings
+    tensors = dict(prog.tensors)
+    for op in prog.ops:
+        if op["type"] == "attention":
+            q = Q.make(sq["type"], s["abits"], **{k: v for k, v in sq.items() if k != "type"})
+            tensors.update({f"{op['name']}.thresholds": Q.thresholds(q, s["prob_bits"]),
+                            f"{op['name']}.decode": Q.decode_table(q, s["decode_bits"]),
+                            f"{op['name']}.levels": q.levels().astype(np.float64)})
+            op["attrs"]["softmax_quant"] = dict(sq)
+    prog = Program(prog.header, tensors)
+    images = random_images(6, 3, prog.model["img_size"])
+    np.testing.assert_array_equal(_qonnx_logits(prog, images), golden.run(prog, images).logits)
+
+
+def test_multithreshold_encoder_clamps_exactly():
+    """Thresholds below 0, equal, at 2^P - 1, at and far past 2^P, in any order: the count of the
+    spec for every p in 0..2^P - 1 (the standard flavour needs them sorted; MultiThreshold does not)."""
+    pytest.importorskip("qonnx")
+    from qonnx.custom_op.general.multithreshold import multithreshold
+    P = 10
+    thr = np.array([700, -5, 0, 1, 1, 2**P - 1, 2**P, 2**40, 3, 2**62], np.int64)
+    g = OnnxGraph("qonnx")
+    g.encode_multithreshold("p", thr, P, "NCHW")
+    tab = onnx.numpy_helper.to_array(g.inits[next(k for k in g.inits if k.endswith("thresholds"))])
+    p = np.arange(2**P, dtype=np.int64).reshape(1, 1, 1, -1)
+    code = multithreshold(p.astype(np.float32), tab)                # qonnx's own function, float32
+    np.testing.assert_array_equal(code.astype(np.int64), golden.encode(p, thr))
+    with pytest.raises(ProgramError, match="prob_bits 25 > 24"):
+        OnnxGraph("qonnx").encode_multithreshold("p", thr, 25, "NCHW")
+
+
+def test_unknown_flavour_refused(capsys, tmp_path):
+    prog = make_program(0, depth=1)
+    with pytest.raises(ProgramError, match="unknown flavour 'tflite'"):
+        export_onnx(prog, tmp_path / "x.onnx", flavor="tflite")
+    p = tmp_path / "p.intprog"
+    save(prog, p)
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(p), "-o", str(tmp_path / "y.onnx"), "--flavor", "tflite"])
+    assert e.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p.intprog"]
+
+
+@pytest.mark.slow
+def test_tiny_swin_qonnx_bit_exact():
+    from test_swin import images, program
+    prog = program("A", 4, "tanq")
+    x = images(2, seed=7)
+    m = build_onnx(prog, "qonnx")
+    assert sum(n.op_type == "MultiThreshold" for n in m.graph.node) == sum(
+        op["type"] == "window_attention" for op in prog.ops)
+    np.testing.assert_array_equal(_qonnx_logits(prog, x), golden.run(prog, x).logits)
+
+
+# ---- intsim inspect model.onnx ---------------------------------------------------------------------
+
+def test_inspect_onnx_file(capsys, tmp_path):
+    import json
+    prog = make_program(0)
+    p = tmp_path / "p.intprog"
+    save(prog, p)
+    for flavor in ("onnx", "qonnx"):
+        out = tmp_path / f"m_{flavor}.onnx"
+        assert main(["export", str(p), "-o", str(out), "--flavor", flavor]) == 0
+        capsys.readouterr()
+        assert main(["inspect", str(out), "--json", str(tmp_path / f"{flavor}.json")]) == 0
+        text = capsys.readouterr().out
+        assert f"flavour {flavor}" in text and "ai.onnx 18" in text and "initializers" in text and "bytes" in text
+        assert ("MultiThreshold" in text) == (flavor == "qonnx")
+        info = json.loads((tmp_path / f"{flavor}.json").read_text())
+        m = onnx.load(str(out))
+        assert info["node_count"] == len(m.graph.node) == sum(info["nodes"].values())
+        assert info["initializers"] == len(m.graph.initializer) and info["flavor"] == flavor
+        assert info["inputs"][0]["type"] == "uint8" and info["outputs"][0]["type"] == "int64"
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x08garbage that is not protobuf \xff\xff\xff", None])
+def test_inspect_corrupt_onnx_file(capsys, tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    if content is None:                                     # a truncated real graph
+        export_onnx(make_program(0, depth=1), tmp_path / "good.onnx")
+        content = (tmp_path / "good.onnx").read_bytes()[:3000]
+    bad.write_bytes(content)
+    assert main(["inspect", str(bad)]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.startswith("intsim: error:") and cap.err.count("\n") == 1 and "Traceback" not in cap.err
+    assert main(["inspect", str(tmp_path / "none.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+# ---- intsim run --onnx ---------------------------------------------------------------------------------
+
+def test_run_onnx_level(capsys, tmp_path):
+    import json
+    opts = ["--no-progress", "run", "--weights", "random", "--seed", "5", "--calib-images", "8", "--images", "6",
+            "--golden-images", "2", "--onnx", "--onnx-images", "4", "--json", str(tmp_path / "r.json"),
+            "--logits", str(tmp_path / "l.npz")]
+    assert main(opts) == 0
+    out = capsys.readouterr().out
+    assert "engine vs onnxruntime: 0 of 40 logits differ (exported graph on the first 4 images)" in out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["engine_vs_onnx"]["logits_differing"] == 0 and rep["levels"]["onnx"]["images"] == 4
+    assert rep["config"]["onnx_images"] == 4
+    gr = rep["engine_vs_onnx"]["graph"]
+    assert gr["node_count"] == sum(gr["nodes"].values()) > 0 and gr["initializer_bytes"] > 0
+    lg = np.load(tmp_path / "l.npz")
+    np.testing.assert_array_equal(lg["onnx_int"], lg["engine_int"][:4])
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_run_onnx_without_onnxruntime_exits_2_before_work(capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)               # import onnxruntime -> ImportError
+    assert main(["--no-progress", "run", "--weights", "random", "--onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("intsim: error: intsim run --onnx needs onnx and onnxruntime") and err.count("\n") == 1
+    assert main(["--no-progress", "run", "--weights", "random", "--onnx-images", "3"]) == 2
+    assert capsys.readouterr().err == "intsim: error: --onnx-images needs --onnx\n"

@@ -604,7 +604,8 @@ def lower_onnx(g, op: dict[str, Any], prog: Program, inputs: list[str]) -> str:
     u = g.rq(g.sub(m, A), int(at["score_mult"]), int(at["score_shift"]), amax=2**Ab - 1, nonneg=True)   # 0 <= m - A < 2^A
     e = g.exp_of(u, tensor64(prog, op, "exp_table"), E)
     p = g.probs(e, P, G, int(tensor64(prog, op, "exp_table").max()))
-    dec = g.encode_decode(p, tensor64(prog, op, "thresholds"), tensor64(prog, op, "decode"))
+    dec = g.encode_decode(p, tensor64(prog, op, "thresholds"), tensor64(prog, op, "decode"), prob_bits=P,
+                          layout="NCHW")                                   # (batch, heads, queries, keys)
     dmax = int(np.abs(tensor64(prog, op, "decode")).max())
     O = g.accsat(g.matmul(dec, vh, T * dmax * cmax["v"], name="output_gemm"), Ab)
     y = g.sat(g.add(g.rq(O, int(at["mult"]), int(at["shift"]), amax=2 ** (Ab - 1)), g.i64(int(at["zp"]))), at["lo"], at["hi"])
