@@ -324,8 +324,9 @@ def test_unknown_flavour_refused(capsys, tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["p.intprog"]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_tiny_swin_qonnx_bit_exact():
+    """The qonnx executor (one onnxruntime session per node) on a tiny Swin: several minutes."""
     from test_swin import images, program
     prog = program("A", 4, "tanq")
     x = images(2, seed=7)

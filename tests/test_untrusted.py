@@ -235,10 +235,8 @@ def test_any_corruption_is_rejected_or_runs_clean(tmp_path_factory, case):
     assert outcome in fuzz.OUTCOMES_OK, f"{what}: {outcome}: {detail}"
 
 
-@pytest.mark.slow
-def test_fuzz_large(request):
-    """1000 mutations (about 100 s): run only when slow tests are selected (``-m slow``)."""
-    if "slow" not in (request.config.getoption("markexpr") or "") or "not slow" in request.config.getoption("markexpr"):
-        pytest.skip("a 1000-mutation fuzz run (about 100 s): select it with -m slow")
+@pytest.mark.heavy
+def test_fuzz_large():
+    """1000 mutations (several minutes): run with ``pytest -m heavy``."""
     rep = fuzz.fuzz(1000, seed=2)
     assert not rep.failures, fuzz.format_report(rep, 1000, 0.0)
