@@ -450,6 +450,7 @@ def run(a) -> int:
         return collect(Path(a.collect))
     if mode == "--executor":
         cluster.require_submitit(a.executor)
+        cluster.check_options(a)
     out = Path(a.out)
     points = grid(a)
     _check_data(a)
