@@ -15,6 +15,7 @@ stays flat on large sets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -494,10 +495,14 @@ def _run_pool(a, out: Path, points: list[dict]) -> int:
     print(f"sweep: {len(points)} points, {len(points) - len(todo)} already done in {log}, {len(todo)} to run")
     a_dict = {k: v for k, v in vars(a).items() if k != "func"}
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=getattr(a, "no_progress", False))
-    with open(log, "a") as f:
-        def record(row):
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
+    with contextlib.ExitStack() as stack:
+        files = []
+
+        def record(row):             # results.jsonl is opened at the first finished point, not before
+            if not files:
+                files.append(stack.enter_context(open(log, "a")))
+            files[0].write(json.dumps(row, sort_keys=True) + "\n")
+            files[0].flush()
             done[row["key"]] = row
             bar.update(1)
             bar.set_postfix_str(f"{row['key']} engine top-1 {row.get('engine.top1', float('nan')):.4f}")
