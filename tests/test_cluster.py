@@ -78,6 +78,10 @@ def test_bad_units(tmp_path, capsys):
         (["sweep", *GRID, "--executor", "slurm", "-o", str(tmp_path / "q")], "--slurm-partition"),
         (["run", "--executor", "local"], "--shards"),
     ]
+    import shutil
+    if shutil.which("srun") is None:
+        cases.append((["sweep", *GRID, "--executor", "slurm", "--slurm-partition", "p", "-o", str(tmp_path / "q")],
+                      "no SLURM here"))
     for argv, msg in cases:
         if "slurm" in argv:
             pytest.importorskip("submitit")

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def check_options(a) -> None:
             raise UserError(f"--numba-cache {d} is not a folder")
     if a.executor == "slurm" and not a.slurm_partition:
         raise UserError("--executor slurm needs --slurm-partition P")
+    if a.executor == "slurm" and shutil.which("srun") is None:
+        raise UserError("--executor slurm: no SLURM here (srun is not on the PATH); submit from a cluster's "
+                        "login node, or use --executor local")
 
 
 # ---- the job --------------------------------------------------------------------------------
@@ -140,8 +144,10 @@ def _executor(a, folder: Path, parallel: int):
         return ex
     ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     params = dict(timeout_min=a.slurm_time, slurm_partition=a.slurm_partition,
-                  slurm_array_parallelism=a.slurm_array_parallelism, gpus_per_node=a.slurm_gpus,
-                  cpus_per_task=a.slurm_cpus, tasks_per_node=1, nodes=1, name="intsim")
+                  slurm_array_parallelism=a.slurm_array_parallelism, cpus_per_task=a.slurm_cpus,
+                  tasks_per_node=1, nodes=1, name="intsim")
+    if a.slurm_gpus:
+        params["gpus_per_node"] = a.slurm_gpus
     if a.slurm_mem:
         params["slurm_mem"] = a.slurm_mem
     if a.slurm_account:

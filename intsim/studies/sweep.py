@@ -11,6 +11,13 @@ results intact). ``--jobs N`` runs points in N worker processes, each with its s
 cores the process may use (its CPU affinity). Evaluation images are decoded once per worker
 when they fit in ``IN_MEMORY_BYTES`` (1 GiB), otherwise chunk by chunk at every point, so memory
 stays flat on large sets.
+
+A sweep folder records its configuration in ``OUT/sweep.json``: a resume with other data, image
+count or non-grid options exits 2 and says what differs, and ``-o`` refuses a non-empty folder
+that is not a sweep folder. Beyond one machine, ``--plan`` / ``--unit KEY`` / ``--unit-index I`` /
+``--collect DIR`` / ``--status DIR`` cut the sweep into work units (points, or point x image shard
+with ``--shards K``) that any scheduler can run, and ``--executor slurm|local`` submits them
+through submitit (``intsim.studies.units``, ``intsim.studies.cluster``, docs/cluster.md).
 """
 from __future__ import annotations
 
