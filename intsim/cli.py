@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reports the logits that differ from the engine (needs the onnx extra)")
     g.add_argument("--onnx-images", type=options.count_or_all, default=None,
                    help="with --onnx: run onnxruntime on the first N evaluation images, or 'all' (default: all)")
+    from .studies.cluster import add_executor_arguments
+    add_executor_arguments(r, run_command=True)
 
     c = sub.add_parser("calibrate", help="calibrate and write the integer program",
                        description="Calibrate the model with DopQ-ViT (or a baseline) and write the integer "
@@ -159,6 +161,10 @@ def cmd_run(a) -> int:
     if a.onnx:
         from .onnx_run import require
         require(what="intsim run --onnx")
+    from .studies.cluster import check_run_options
+    check_run_options(a)
+    if a.shards and a.onnx:
+        raise UserError("--onnx cannot be combined with --shards (the shards run float, fake-quant, engine and golden)")
     if not a.program:
         options.calib_config(a)
     progress = not a.no_progress
@@ -198,7 +204,11 @@ def cmd_run(a) -> int:
         levels["onnx"] = lambda x: ev.run_integer(onnx_level, x, scale, bs, "onnxruntime", False)
         limits["onnx"] = len(data) if a.onnx_images is None else min(a.onnx_images, len(data))
     setup_s = time.perf_counter() - t_start
-    evaluation = ev.evaluate_stream(data, levels, chunk=max(bs, 256), limits=limits, progress=progress)
+    if a.shards:        # the same evaluation as image shards on a scheduler, merged (intsim.studies.cluster)
+        from .studies.cluster import evaluate_sharded
+        evaluation = evaluate_sharded(a, prog, data, n_images, n_golden, chunk=max(bs, 256))
+    else:
+        evaluation = ev.evaluate_stream(data, levels, chunk=max(bs, 256), limits=limits, progress=progress)
     cs = compile_stats()
     if n_golden == 0:
         evaluation.levels.pop("golden", None)

@@ -72,3 +72,40 @@ def test_golden_images_argument(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sweep", "--golden-images", "-3", "-o", str(tmp_path)])
     assert e.value.code == 2 and "--golden-images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--images", "-1"], ["--images", "0"], ["--batch-size", "0"],
+                                 ["--calib-images", "0"], ["--jobs", "0"], ["--recon-iters", "-1"],
+                                 ["--recon-images", "0"], ["--recon-lr", "0"], ["--shards", "0"],
+                                 ["--unit-index", "-1"]])
+def test_bad_numbers_rejected_before_any_work(tmp_path, capsys, bad):
+    out = tmp_path / "s"
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", *bad, "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"argument {bad[0]}" in err[-1]
+    assert not out.exists()
+
+
+def test_foreign_folder_refused(tmp_path, capsys):
+    (tmp_path / "cat.png").write_bytes(b"not really")
+    assert main(ARGS[1:] + ["-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a sweep folder" in err and len(err.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]
+
+
+def test_folder_records_config_and_refuses_other_options(swept, capsys):
+    rec = json.loads((swept / "sweep.json").read_text())
+    assert rec["config"]["images"] == 16 and rec["config"]["calib_images"] == 8 and rec["config"]["data"] is None
+    assert rec["config"]["golden_images"] == 4 and rec["grid"]["ln_rule"] == ["mosf", "channel"]
+    assert rec["grid"]["points"] == ["W4A4|tanq|mosf|", "W4A4|tanq|channel|"]
+    before = (swept / "results.jsonl").read_text()
+    for change, flag in ((["--images", "8"], "--images"), (["--calib-images", "4"], "--calib-images"),
+                         (["--seed", "1"], "--seed"), (["--batch-size", "32"], "--batch-size")):
+        assert main(ARGS + change + ["-o", str(swept)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert flag in err and "there" in err and len(err.splitlines()) == 1, err
+    assert main(ARGS + ["--data", str(swept), "-o", str(swept)]) == 2
+    assert "--data None there" in capsys.readouterr().err
+    assert (swept / "results.jsonl").read_text() == before
