@@ -133,9 +133,10 @@ def grid(a) -> list[dict]:
     for b in (a.bits or []) + (a.wbits or []) + (a.abits or []):
         if not 2 <= b <= 8:
             raise UserError(f"bits must be from 2 to 8, not {b}")
+    from ..options import SOFTMAX_QUANTS
     for q in a.softmax_quant:
-        if q not in ("tanq", "uniform", "log2", "log2sqrt"):
-            raise UserError(f"unknown post-softmax quantizer '{q}'")
+        if q not in SOFTMAX_QUANTS:
+            raise UserError(f"unknown post-softmax quantizer '{q}' (known: {', '.join(SOFTMAX_QUANTS)})")
     for r in a.ln_rule:
         if r not in ("mosf", "mean", "channel"):
             raise UserError(f"unknown LN rule '{r}' (known: mosf, mean, channel)")
