@@ -12,12 +12,17 @@ from intsim.cli import main
     (["--models", "no_such_model"], "unknown model 'no_such_model'"),
     (["--batch-sizes", "0"], "--batch-sizes must be positive integers, got '0'"),
     (["--batch-sizes", "8,x"], "--batch-sizes must be positive integers, got 'x'"),
-    (["--repeats", "0"], "must be at least 1"),
-    (["--threads", "0"], "must be at least 1"),
+    (["--repeats", "0"], "argument --repeats: expected a positive integer, not 0"),
+    (["--threads", "0"], "argument --threads: expected a positive integer, not 0"),
+    (["--golden-images", "-1"], "argument --golden-images: expected a positive integer, not -1"),
     (["--skip", "int8,gpu"], "--skip: unknown part(s) gpu"),
 ])
 def test_bad_options_exit_2_before_any_work(args, message, capsys):
-    assert main(["bench", "--models", "cifar10_vit_d6", *args]) == 2       # a later --models wins
+    try:
+        rc = main(["bench", "--models", "cifar10_vit_d6", *args])       # a later --models wins
+    except SystemExit as e:                                              # argparse's range types
+        rc = e.code
+    assert rc == 2
     err = capsys.readouterr().err
     assert message in err
     assert "benchmarking" not in err

@@ -105,8 +105,6 @@ def _options(a: argparse.Namespace) -> tuple[list[str], list[int], int, set[str]
         resolve(name)                           # UserError naming the known models
     batch_sizes = _positive_ints(a.batch_sizes, ("1", "8") if a.quick else ("1", "8", "32"), "--batch-sizes")
     repeats = a.repeats if a.repeats is not None else (3 if a.quick else 5)
-    if min(repeats, a.threads, a.golden_images, 1 if a.calib_images is None else a.calib_images) < 1:
-        raise UserError("--repeats, --threads, --golden-images and --calib-images must be at least 1")
     skip = set(_csv(a.skip, ()))
     unknown = sorted(skip - set(SKIPPABLE))
     if unknown:
