@@ -191,6 +191,9 @@ def test_adalog_special_bases_equal_log2_and_values():
     a3 = Q.make("adalog", 3, delta=1.0, q=20, r=37)
     np.testing.assert_allclose(a3.levels()[2:] / a3.levels()[1:-1], 2.0 ** (20 / 37), rtol=1e-12)
     assert a3.levels()[-1] == 1.0
+    # the smallest nonzero level must be a normal float64
+    with pytest.raises(ValueError):
+        Q.make("adalog", 6, delta=1.0, q=70, r=4)
     for bad in (dict(q=0.0), dict(q=2.5), dict(r=0.0), dict(q=float("nan"))):
         with pytest.raises(ValueError):
             Q.make("adalog", 4, **{"delta": 1.0, "q": 20.0, "r": 37.0, **bad})
@@ -257,8 +260,9 @@ def test_twin_examples():
 
 
 _NEW = st.one_of(
-    st.builds(lambda b, q, r, e: ("adalog", b, dict(delta=2.0 ** e, q=q, r=r)),
-              st.integers(2, 8), st.integers(1, 200), st.integers(4, 64), st.floats(-6.0, 0.5)),
+    # bases 2^(q/r) up to 2^3 (AdaLog searches up to 2^2.95)
+    st.builds(lambda b, q, r, e: ("adalog", b, dict(delta=2.0 ** e, q=1 + q % (3 * r), r=r)),
+              st.integers(2, 8), st.integers(0, 191), st.integers(4, 64), st.floats(-6.0, 0.5)),
     st.builds(lambda b, e, t: ("sulq", b, dict(eta=10.0 ** e, top=t)),
               st.integers(2, 8), st.floats(-5.0, 3.0), st.floats(0.05, 1.0)),
     st.builds(lambda b, m: ("twin", b, dict(m=m)), st.integers(2, 8), st.integers(0, 20)),

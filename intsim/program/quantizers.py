@@ -285,6 +285,9 @@ class AdaLog(Log2):
         super().__post_init__()
         _check_int(self.type, "r", self.r, 1, 1024)
         _check_int(self.type, "q", self.q, 1, 64 * int(self.r))
+        if math.log2(self.delta) - (self.n - 1) * float(self.q) / float(self.r) < -1000.0:
+            raise ValueError(f"adalog: the smallest level delta * 2^(-(N-1) q/r) underflows float64 "
+                             f"(delta={self.delta!r}, q={self.q!r}, r={self.r!r}, bits={self.bits!r})")
 
     @property
     def _mul(self) -> float:  # type: ignore[override]
