@@ -22,7 +22,8 @@ class CalibConfig:
 
     * ``wbits`` / ``abits``: weight / activation code widths (2..8). ``abits`` also sets the
       post-softmax quantizer width.
-    * ``softmax_quant``: post-softmax quantizer family, ``uniform`` | ``log2`` | ``log2sqrt`` | ``tanq``.
+    * ``softmax_quant``: post-softmax quantizer family, ``uniform`` | ``log2`` | ``log2sqrt`` | ``tanq`` |
+      ``adalog`` | ``sulq`` | ``twin`` (``intsim.program.quantizers``; searched by ``calib.softmax_search``).
     * ``ln_rule``: shared post-LayerNorm scale, ``mosf`` (median of the channel scales, DopQ-ViT) or
       ``mean`` (RepQ-ViT).
     * ``seed``: seeds every subsample (the result is a pure function of inputs and config).

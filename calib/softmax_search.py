@@ -11,7 +11,17 @@ thresholds. Candidates per family:
   two rounds of local refinement (the 8 neighbours of the best pair, at steps of 1/4 and then
   1/8 of its distance to +-pi/2, at least 0.01 / 0.005);
 * ``log2`` / ``log2sqrt``: ``delta = 2^(-i/4)``, i = 0..8 (top level from 1 down to 1/4);
-* ``uniform``: ``scale = max(P) * 2^(-i/4) / N``, i = 0..12.
+* ``uniform``: ``scale = max(P) * 2^(-i/4) / N``, i = 0..12;
+* ``adalog``: AdaLog's own search for post-softmax: ``delta = 1`` and ``r = 37`` fixed, the base
+  ``2^(q/37)`` for every integer ``q = 10..109`` (100 candidates, bases 1.21 to 7.7; ``q = 37`` is
+  ``log2``; ``log2sqrt`` would need ``q = 18.5``), judged, like every family here, by the error
+  of the attention output (AdaLog also judges its base by the product with V, by similarity);
+* ``sulq``: I&S-ViT's shift candidates ``eta`` in {0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05,
+  0.1, 0.2, 0.5, 1.0} (11), the log-domain range ending at ``log2(max(P) + eta)`` as I&S-ViT takes
+  it from the data's maximum (``max(P)`` = the sample's largest fixed-point probability);
+* ``twin``: PTQ4ViT's split ``d1 = d2 / 2^m`` with ``d2 = 1 / 2^(bits-1)`` fixed, for every
+  ``m = 0..17 - bits`` (``d1`` down to ``2^-16``, the finest step the 16-bit probabilities resolve;
+  PTQ4ViT tries splits ``2^-i``, i = 0..19, the same family).
 
 The first of equal errors wins, so the result is deterministic.
 """
@@ -28,6 +38,9 @@ _HALF_PI = math.pi / 2
 _T_LIMIT = 1.5685  # largest |angle| tried (tan ~ 450)
 TANQ_T0 = (-1.565, -1.53, -1.47, -1.3, -0.9, 0.0)
 TANQ_T1 = (0.0, 0.9, 1.3, 1.47, 1.53, 1.565)
+ADALOG_R = 37
+ADALOG_Q = tuple(range(10, 110))
+SULQ_ETA = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class _Sample:
@@ -97,6 +110,16 @@ def _search(kind: str, bits: int, data: _Sample) -> SoftmaxQuantizer:
         return _best(cands, data)[0]
     if kind in ("log2", "log2sqrt"):
         cands = [make(kind, bits, delta=2.0 ** (-i / 4)) for i in range(9)]
+        return _best(cands, data)[0]
+    if kind == "adalog":
+        cands = [make("adalog", bits, delta=1.0, q=q, r=ADALOG_R) for q in ADALOG_Q]
+        return _best(cands, data)[0]
+    if kind == "sulq":
+        top = max(float(data.p.max()), 1.0) / float(1 << data.bits)
+        cands = [make("sulq", bits, eta=eta, top=top) for eta in SULQ_ETA]
+        return _best(cands, data)[0]
+    if kind == "twin":
+        cands = [make("twin", bits, m=m) for m in range(0, 18 - bits)]
         return _best(cands, data)[0]
     if kind != "tanq":
         raise ValueError(f"unknown post-softmax quantizer {kind!r}")

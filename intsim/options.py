@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import UserError
 from .program.program import json_default, write_atomic
 
-SOFTMAX_QUANTS = ("tanq", "uniform", "log2", "log2sqrt")
+SOFTMAX_QUANTS = ("tanq", "uniform", "log2", "log2sqrt", "adalog", "sulq", "twin")
 LN_RULES = ("mosf", "mean")
 
 

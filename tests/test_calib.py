@@ -210,7 +210,7 @@ def test_settings_are_checked():
 
 # ---- calibration + export -----------------------------------------------------------------
 
-@pytest.mark.parametrize("sq", ["uniform", "log2", "log2sqrt", "tanq"])
+@pytest.mark.parametrize("sq", ["uniform", "log2", "log2sqrt", "tanq", "adalog", "sulq", "twin"])
 @pytest.mark.parametrize("rule", ["mosf", "mean"])
 def test_exported_programs_validate(sq, rule, tmp_path):
     m = _mini(seed=2)

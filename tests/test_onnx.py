@@ -154,6 +154,10 @@ def test_random_programs_bit_exact(seed, kw):
     {"type": "log2", "delta": 0.9},
     {"type": "log2sqrt", "delta": 1.0},
     {"type": "tanq", "t0": -1.4, "t1": 1.3},
+    {"type": "adalog", "delta": 1.0, "q": 23.0, "r": 37.0},
+    {"type": "sulq", "eta": 0.01, "top": 0.5},
+    {"type": "twin", "m": 3.0},
+    {"type": "twin", "m": 9.0},
 ])
 def test_every_post_softmax_quantizer(sq):
     prog = make_program(11, depth=1)

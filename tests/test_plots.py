@@ -83,11 +83,12 @@ def test_softmax_distribution_plot(tiny, tmp_path):
     assert probs.shape == (4, 2, 17, 17) and v.shape == (4, 2, 17, 12)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, 2, 17))
     q = plots.softmax_quantizers(prog, 1, 3, probs, v, search=True, rows=8, prob_bits=10)
-    assert set(q) == {"uniform", "log2", "log2sqrt", "tanq"}
+    assert set(q) == {"uniform", "log2", "log2sqrt", "tanq", "adalog", "sulq", "twin"}
     assert all(int(x["quant"].bits) == 3 and x["source"] == "searched" for x in q.values())
     assert all(math.isfinite(x["error"]) for x in q.values())
     own = plots.softmax_quantizers(prog, 1, 8, probs, v, search=False)
     assert own["tanq"]["source"] == "program" and own["uniform"]["source"] == "default"
+    assert own["twin"]["source"] == "default" and own["twin"]["quant"].used() < 256
     f = plots.plot_softmax(probs, q, tmp_path / "softmax.png", title="block 1")
     assert _is_png(f)
 

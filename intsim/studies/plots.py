@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import torch
 
 SQNR_CAP_DB = 200.0
-QUANT_TYPES = ("uniform", "log2", "log2sqrt", "tanq")
+QUANT_TYPES = ("uniform", "log2", "log2sqrt", "tanq", "adalog", "sulq", "twin")
 SWEEP_PNGS = ("accuracy_vs_bops.png", "accuracy_vs_weight_storage.png")
 
 
@@ -212,7 +212,8 @@ def softmax_quantizers(program, block: int | None, bits: int, probs=None, v=None
         sample = (probs[:, :, idx, :], v)
     out: dict[str, dict[str, Any]] = {}
     defaults = {"uniform": {"scale": 1.0 / ((1 << bits) - 1)}, "log2": {"delta": 1.0}, "log2sqrt": {"delta": 1.0},
-                "tanq": {"t0": -1.0, "t1": 1.0}}
+                "tanq": {"t0": -1.0, "t1": 1.0}, "adalog": {"delta": 1.0, "q": 37.0, "r": 37.0},
+                "sulq": {"eta": 0.01, "top": 1.0}, "twin": {"m": 4.0}}
     for t in QUANT_TYPES:
         if own is not None and own.type == t and int(own.bits) == int(bits):
             q, src = own, "program"
@@ -249,7 +250,7 @@ def plot_softmax(probs, quants: dict[str, dict[str, Any]], out_png: str | os.Pat
         ax.set_yscale("log")
         info = quants[t]
         q = info["quant"]
-        lv = q.levels()[1:]
+        lv = q.levels()[1:q.used()]  # level 0 cannot show on a log axis; unused codes repeat the top
         for j, level in enumerate(lv):
             if level > 0:
                 ax.axvline(level, color=f"C{i}", lw=0.9, alpha=0.9,
@@ -406,8 +407,8 @@ def add_arguments(p) -> None:
 
     m = sub.add_parser("softmax", help="post-softmax distribution of a block with the quantizers' levels",
                        description="Histogram (log-log) of the float post-softmax probabilities of one block on "
-                                   "calibration images, with the levels of the uniform, log2, log2sqrt and TanQ "
-                                   "quantizers drawn over it (the program's own where it matches, else searched).")
+                                   "calibration images, with the levels of the uniform, log2, log2sqrt, TanQ, AdaLog, "
+                                   "SULQ and twin-uniform quantizers drawn over it (the program's own where it matches, else searched).")
     m.add_argument("--program", required=True, metavar="FILE")
     m.add_argument("--block", type=non_negative, default=0, help="block index (default 0)")
     m.add_argument("--bits", type=bits, default=None, help="quantizer bits (default: the program's abits)")
