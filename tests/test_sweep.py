@@ -109,3 +109,27 @@ def test_folder_records_config_and_refuses_other_options(swept, capsys):
     assert main(ARGS + ["--data", str(swept), "-o", str(swept)]) == 2
     assert "--data None there" in capsys.readouterr().err
     assert (swept / "results.jsonl").read_text() == before
+
+
+def test_hw_columns_and_plots(tmp_path, capsys):
+    """--hw adds intsim hw's cycles and energy per point (the same figures as intsim hw on the same
+    program) and the accuracy-vs-energy / -cycles plots; a bad array spec is refused by argparse."""
+    from intsim.program.format import load
+    from intsim.studies.hw import hw_cost
+    from intsim.studies.plots import SWEEP_HW_PNGS
+    args = ["--no-progress", "sweep", "--bits", "4", "--softmax-quant", "tanq", "--ln-rule", "mosf", "--images", "8",
+            "--calib-images", "4", "--hw", "64x64:os"]
+    out = tmp_path / "hw"
+    assert main(args + ["-o", str(out)]) == 0
+    row = json.loads((out / "results.json").read_text())["points"][0]
+    assert row["hw.array"] == "64x64:os" and row["hw.cycles"] > 0 and row["hw.energy_uj"] > 0
+    assert main(["--no-progress", "calibrate", "--bits", "4", "--calib-images", "4", "-o", str(tmp_path / "p")]) == 0
+    total = hw_cost(load(tmp_path / "p"), {"array": "64x64", "dataflow": "os"})["total"]
+    assert row["hw.cycles"] == total["cycles"] and row["hw.energy_uj"] == pytest.approx(total["energy_uj"], rel=1e-12)
+    assert all((out / f).stat().st_size > 0 for f in SWEEP_HW_PNGS)
+    capsys.readouterr()
+    for bad, message in (("0x4", "positive rows and columns"), ("32x32:xs", "dataflow must be one of")):
+        with pytest.raises(SystemExit) as e:
+            main(args[:-1] + [bad, "-o", str(tmp_path / "bad")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

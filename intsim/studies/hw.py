@@ -412,6 +412,29 @@ def parse_array(v: str) -> tuple[int, int]:
     return r, c
 
 
+def hw_spec(v: str) -> str:
+    """argparse type of ``intsim sweep --hw``: ``RxC`` or ``RxC:DATAFLOW`` (default ws), returned
+    normalized as ``"RxC:df"`` (a string, so that the sweep folder records it as it is)."""
+    arr, _, df = str(v).partition(":")
+    df = (df or "ws").strip().lower()
+    try:
+        r, c = parse_array(arr)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--array", "--hw")) from None
+    if df not in DATAFLOWS:
+        raise argparse.ArgumentTypeError(f"--hw dataflow must be one of {', '.join(DATAFLOWS)}, not '{df}'")
+    return f"{r}x{c}:{df}"
+
+
+def sweep_columns(prog, spec: str) -> dict[str, Any]:
+    """The ``hw.*`` columns of a sweep row: cycles, energy, DRAM words and utilization per image of
+    ``prog`` on the array ``spec`` (from :func:`hw_spec`; default SRAM sizes, units and energy table)."""
+    arr, _, df = spec.partition(":")
+    t = hw_cost(prog, {"array": arr, "dataflow": df or "ws"})["total"]
+    return {"array": spec, "cycles": t["cycles"], "energy_uj": t["energy_uj"], "dram_words": t["dram_words"],
+            "array_util_pct": t["array_util_pct"]}
+
+
 def parse_sram(v: str) -> tuple[int, int, int]:
     parts = str(v).split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):

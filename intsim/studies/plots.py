@@ -4,7 +4,8 @@
   bit-operations (``cost.bops``) and against packed weight storage (``cost.weight_bits``), engine
   (filled) and fake-quant (hollow) per point, each point labelled by its configuration and the
   Pareto front of the engine accuracy (fewest BOPs / bits for a given accuracy) drawn as a
-  step line. ``intsim sweep`` writes these two at its end.
+  step line. ``intsim sweep`` writes these two at its end; with ``--hw`` also accuracy against
+  energy per image (``hw.energy_uj``) and against cycles per image (``hw.cycles``).
 * **softmax** (:func:`plot_softmax`): the post-softmax probabilities of one block on
   calibration images (the float model, ``reference.vit.forward`` hooked at
   ``blocks.{i}.attn.probs``) as a histogram over log-spaced bins (log-log axes), with the levels
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 SQNR_CAP_DB = 200.0
 QUANT_TYPES = ("uniform", "log2", "log2sqrt", "tanq", "adalog", "sulq", "twin")
 SWEEP_PNGS = ("accuracy_vs_bops.png", "accuracy_vs_weight_storage.png")
+#: written too when the sweep ran with ``--hw`` (its ``hw.*`` columns, from ``intsim hw``)
+SWEEP_HW_PNGS = ("accuracy_vs_energy.png", "accuracy_vs_cycles.png")
 
 
 # ---- figure helpers -----------------------------------------------------------------------------
@@ -113,7 +116,11 @@ def plot_sweep(results: str | os.PathLike | list[dict], out_dir: str | os.PathLi
         raise UserError("sweep results must be {\"points\": [rows]} as written by intsim sweep")
     out = Path(out_dir)
     axes = [("cost.bops", 1e-9, "GBOPs per image (bit-operations)", SWEEP_PNGS[0]),
-            ("cost.weight_bits", 1.0 / 8192, "packed weight storage (KiB)", SWEEP_PNGS[1])]
+            ("cost.weight_bits", 1.0 / 8192, "packed weight storage (KiB)", SWEEP_PNGS[1]),
+            ("hw.energy_uj", 1.0, "energy per image (µJ, intsim hw)", SWEEP_HW_PNGS[0]),
+            ("hw.cycles", 1e-6, "Mcycles per image (intsim hw)", SWEEP_HW_PNGS[1])]
+    titles = {"cost.bops": "bit-operations", "cost.weight_bits": "weight storage", "hw.energy_uj": "energy",
+              "hw.cycles": "cycles"}
     levels = [("engine.top1", "engine (integer)", "o", True), ("fakequant.top1", "fake-quant", "s", False)]
     result: dict[str, Any] = {"files": [], "pareto": {}}
     usable = [r for r in rows if any(_num(r.get(a[0])) is not None for a in axes)]
@@ -154,7 +161,8 @@ def plot_sweep(results: str | os.PathLike | list[dict], out_dir: str | os.PathLi
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"accuracy against {'bit-operations' if col == 'cost.bops' else 'weight storage'} "
+        arrays = sorted({str(r.get("hw.array")) for r in rows if r.get("hw.array")}) if col.startswith("hw.") else []
+        ax.set_title(f"accuracy against {titles[col]}{' on ' + ', '.join(arrays) if arrays else ''} "
                      f"({len(rows)} sweep points)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")

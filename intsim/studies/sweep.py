@@ -62,7 +62,8 @@ def _csv_list(kind):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..options import count_or_all, learning_rate, positive
+    from ..options import count_or_all, learning_rate, positive, seed
+    from .hw import hw_spec
     p.add_argument("--model", default=None, help="model short name (default: the bundled CIFAR-10 ViT)")
     p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
     p.add_argument("--checkpoint", metavar="PATH")
@@ -98,7 +99,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--golden-images", type=_golden_count, default=0,
                    help="golden model on the first N images per point, or 'all' (default 0)")
     p.add_argument("--batch-size", type=positive, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--hw", type=hw_spec, default=None, metavar="RxC[:DATAFLOW]",
+                   help="also simulate every point's program on a systolic array (intsim hw: SCALE-Sim, default "
+                        "SRAM sizes and energy table; e.g. 32x32 or 16x16:os) and add the hw.cycles, "
+                        "hw.energy_uj, hw.dram_words and hw.array_util_pct columns and two plots")
     p.add_argument("--jobs", type=positive, default=1,
                    help="worker processes (default 1); with --executor local, the units run at once")
     p.add_argument("-o", "--out", metavar="DIR",
@@ -192,7 +197,7 @@ def point_key(p: dict) -> str:
 
 #: Options that every point of a folder shares: a resume, a unit or a re-plan must match them.
 NON_GRID = ("model", "weights", "checkpoint", "data", "images", "calib_data", "calib_images", "recon_images",
-            "recon_iters", "recon_lr", "golden_images", "batch_size", "seed")
+            "recon_iters", "recon_lr", "golden_images", "batch_size", "seed", "hw")
 GRID_OPTIONS = ("bits", "wbits", "abits", "softmax_quant", "ln_rule", "pair", "set", "reconstruct")
 
 
@@ -345,6 +350,9 @@ def _evaluate_point(p: dict):
         pass
     extra = {"calibration_s": round(calib_s, 2), "logit_scale": scale, "cost": cost,
              "labels_ok": len(data.classes) == prog.model.get("num_classes")}
+    if getattr(a, "hw", None):
+        from .hw import sweep_columns
+        extra["hw"] = sweep_columns(prog, a.hw)
     return evaluation, extra
 
 
@@ -395,6 +403,8 @@ def point_row(p: dict, evaluation, labels, extra: dict, images: int) -> dict:
         row[f"saturation.{k}"] = v
     if extra.get("cost") is not None:
         row.update({f"cost.{k}": v for k, v in extra["cost"].items()})
+    if extra.get("hw") is not None:
+        row.update({f"hw.{k}": v for k, v in extra["hw"].items()})
     return row
 
 
