@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 from .program.program import json_default, write_atomic
@@ -30,56 +31,41 @@ def bits(v: str) -> int:
     return b
 
 
-def positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not '{v}'") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {n}")
-    return n
+def int_type(lo: int, hi: int | None, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer in ``lo..hi`` (no upper bound when ``hi`` is None), else
+    ``expected <expected>, not <value>`` (exit 2 before any work)."""
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, not '{v}'") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {n}")
+        return n
+    parse.__name__ = expected
+    return parse
 
 
-def non_negative(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not '{v}'") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {n}")
-    return n
+def open_interval_type(lo: float, hi: float, expected: str) -> Callable[[str], float]:
+    """An argparse type: a number strictly between ``lo`` and ``hi``."""
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, not '{v}'") from None
+        if not lo < x < hi:
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {x:g}")
+        return x
+    parse.__name__ = expected
+    return parse
 
 
-def seed(v: str) -> int:
-    """A seed of torch and numpy's generators: an integer in 0..2^32-1."""
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a seed must be an integer from 0 to 2^32-1, not '{v}'") from None
-    if not 0 <= n < 1 << 32:
-        raise argparse.ArgumentTypeError(f"a seed must be from 0 to 2^32-1, not {n}")
-    return n
-
-
-def fraction(v: str) -> float:
-    """A number in the open interval (0, 1)."""
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), not '{v}'") from None
-    if not 0 < x < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), not {x:g}")
-    return x
-
-
-def learning_rate(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), not '{v}'") from None
-    if not 0 < x < 1:
-        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 1), not {x:g}")
-    return x
+positive = int_type(1, None, "a positive integer")
+non_negative = int_type(0, None, "an integer >= 0")
+#: seeds of torch and numpy's generators
+seed = int_type(0, (1 << 32) - 1, "a seed from 0 to 2^32-1")
+fraction = open_interval_type(0.0, 1.0, "a number in (0, 1)")
+learning_rate = open_interval_type(0.0, 1.0, "a learning rate in (0, 1)")
 
 
 def count_or_all(v: str) -> int | None:

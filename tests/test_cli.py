@@ -191,7 +191,7 @@ def test_bad_setting_value_exits_2_before_calibration(capsys, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--seed", "-1"], "a seed must be from 0 to 2^32-1"),
+    (["run", "--seed", "-1"], "expected a seed from 0 to 2^32-1, not -1"),
     (["run", "--images", "0"], "expected a positive integer, not 0"),
     (["run", "--batch-size", "0"], "expected a positive integer, not 0"),
     (["run", "--calib-images", "-3"], "expected a positive integer, not -3"),

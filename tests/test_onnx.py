@@ -149,6 +149,21 @@ def test_random_programs_bit_exact(seed, kw):
         assert sum(c["acc"] for c in g.counts.values()) > 0
 
 
+def with_quantizer(sq: dict) -> Program:
+    """A one-block random program whose attention uses the post-softmax quantizer ``sq``."""
+    prog = make_program(11, depth=1)
+    s = prog.settings
+    tensors = dict(prog.tensors)
+    for op in prog.ops:
+        if op["type"] == "attention":
+            q = Q.make(sq["type"], s["abits"], **{k: v for k, v in sq.items() if k != "type"})
+            thr, dec, lv = Q.thresholds(q, s["prob_bits"]), Q.decode_table(q, s["decode_bits"]), q.levels()
+            tensors.update({f"{op['name']}.thresholds": thr, f"{op['name']}.decode": dec,
+                            f"{op['name']}.levels": lv.astype(np.float64)})
+            op["attrs"]["softmax_quant"] = dict(sq)
+    return Program(prog.header, tensors)
+
+
 @pytest.mark.parametrize("sq", [
     {"type": "uniform", "scale": 1 / 15},
     {"type": "log2", "delta": 0.9},
@@ -160,17 +175,7 @@ def test_random_programs_bit_exact(seed, kw):
     {"type": "twin", "m": 9.0},
 ])
 def test_every_post_softmax_quantizer(sq):
-    prog = make_program(11, depth=1)
-    s = prog.settings
-    tensors = dict(prog.tensors)
-    for op in prog.ops:
-        if op["type"] == "attention":
-            q = Q.make(sq["type"], s["abits"], **{k: v for k, v in sq.items() if k != "type"})
-            thr, dec, lv = Q.thresholds(q, s["prob_bits"]), Q.decode_table(q, s["decode_bits"]), q.levels()
-            tensors.update({f"{op['name']}.thresholds": thr, f"{op['name']}.decode": dec,
-                            f"{op['name']}.levels": lv.astype(np.float64)})
-            op["attrs"]["softmax_quant"] = dict(sq)
-    prog = Program(prog.header, tensors)
+    prog = with_quantizer(sq)
     assert_three_agree(prog, random_images(5, 6, prog.model["img_size"]))
 
 
@@ -284,17 +289,7 @@ def test_qonnx_executor_bit_exact(seed, kw):
 @pytest.mark.parametrize("sq", [{"type": "log2", "delta": 0.9}, {"type": "tanq", "t0": -1.4, "t1": 1.3}])
 def test_qonnx_every_threshold_shape(sq):
     """log2 tables put many thresholds at or past 2^P (clamped) and tanq ones near 0."""
-    prog = make_program(11, depth=1)
-    s = prog.settings
-    tensors = dict(prog.tensors)
-    for op in prog.ops:
-        if op["type"] == "attention":
-            q = Q.make(sq["type"], s["abits"], **{k: v for k, v in sq.items() if k != "type"})
-            tensors.update({f"{op['name']}.thresholds": Q.thresholds(q, s["prob_bits"]),
-                            f"{op['name']}.decode": Q.decode_table(q, s["decode_bits"]),
-                            f"{op['name']}.levels": q.levels().astype(np.float64)})
-            op["attrs"]["softmax_quant"] = dict(sq)
-    prog = Program(prog.header, tensors)
+    prog = with_quantizer(sq)
     images = random_images(6, 3, prog.model["img_size"])
     np.testing.assert_array_equal(_qonnx_logits(prog, images), golden.run(prog, images).logits)
 

@@ -10,6 +10,7 @@ the same command resumes. Used by ``intsim sweep --executor`` (units of a sweep 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..options import non_negative, positive
 from . import units
 
 EXECUTORS = ("local", "slurm")
@@ -25,25 +27,9 @@ SUBMITTED = "submitted.json"
 THREAD_POOLS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
-def _minutes(v: str) -> int:
-    from ..options import positive
-    return positive(v)
-
-
-def _nonneg(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, not '{v}'") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, not {n}")
-    return n
-
-
 def add_executor_arguments(p: argparse.ArgumentParser, run_command: bool = False) -> None:
     """The scheduler options (``--executor``, ``--slurm-*``, ``--numba-cache``); with
     ``run_command`` also ``--shards``, ``--jobs`` and ``--work-dir`` of ``intsim run``."""
-    from ..options import positive
     g = p.add_argument_group("cluster (submitit; pip install 'intsim[cluster]'; docs/cluster.md)")
     if run_command:
         g.add_argument("--shards", type=positive, default=None, metavar="K",
@@ -59,12 +45,12 @@ def add_executor_arguments(p: argparse.ArgumentParser, run_command: bool = False
                         "local processes (same code path); rerunning the same command submits only the units "
                         "whose result file is missing")
     g.add_argument("--slurm-partition", metavar="P", help="SLURM partition")
-    g.add_argument("--slurm-time", type=_minutes, default=60, metavar="MIN",
+    g.add_argument("--slurm-time", type=positive, default=60, metavar="MIN",
                    help="time limit of one unit in minutes (default 60; also the local executor's limit); a unit "
                         "that reaches it is requeued")
     g.add_argument("--slurm-array-parallelism", type=positive, default=64, metavar="N",
                    help="array tasks running at once (default 64)")
-    g.add_argument("--slurm-gpus", type=_nonneg, default=0, metavar="N", help="GPUs per unit (default 0)")
+    g.add_argument("--slurm-gpus", type=non_negative, default=0, metavar="N", help="GPUs per unit (default 0)")
     g.add_argument("--slurm-cpus", type=positive, default=8, metavar="N",
                    help="CPUs per unit (default 8); the unit's thread pools use that many")
     g.add_argument("--slurm-mem", metavar="SIZE", help="memory per unit, e.g. 32G (default: the partition's)")
@@ -158,15 +144,29 @@ def _executor(a, folder: Path, parallel: int):
     return ex
 
 
+@contextlib.contextmanager
+def environ(updates: dict[str, str]):
+    """``os.environ`` with ``updates`` set for the block (child processes inherit them), restored
+    afterwards, also on an exception."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def submit_and_wait(a, folder: Path, job: UnitJob, todo: list[tuple[str, object]], parallel: int,
                     record: Path | None = None) -> list[tuple[str, str]]:
     """Run ``job(unit)`` for every ``(key, unit)`` of ``todo``: a SLURM array, or local processes
     ``parallel`` at a time. Waits for all; returns ``[(key, error)]`` of the failed ones."""
     ex = _executor(a, folder, parallel)
     failures: list[tuple[str, str]] = []
-    saved = {k: os.environ.get(k) for k in job.env}
-    os.environ.update(job.env)           # the local executor's processes inherit it; sbatch exports it
-    try:
+    with environ(job.env):           # the local executor's processes inherit it; sbatch exports it
         if a.executor == "slurm":
             jobs = list(zip([k for k, _ in todo], ex.map_array(job, [u for _, u in todo])))
             _record(record, jobs)
@@ -195,12 +195,6 @@ def submit_and_wait(a, folder: Path, job: UnitJob, todo: list[tuple[str, object]
                     still.append((key, j))
             running = still
         return failures
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _result(key: str, j) -> list[tuple[str, str]]:

@@ -27,7 +27,6 @@ import csv
 import io
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def _csv_list(kind):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..options import count_or_all, learning_rate, positive, seed
+    from ..options import count_or_all, int_type, learning_rate, positive, seed
     from .hw import hw_spec
     p.add_argument("--model", default=None, help="model short name (default: the bundled CIFAR-10 ViT)")
     p.add_argument("--weights", choices=("pretrained", "random"), default="pretrained")
@@ -115,22 +114,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--shards", type=positive, default=None, metavar="K",
                    help="split each point's images into K shards, one unit each (with --plan or --executor)")
     u.add_argument("--unit", metavar="KEY", help="run the unit KEY of DIR's plan and write its result file")
-    u.add_argument("--unit-index", type=_index, metavar="I",
+    u.add_argument("--unit-index", type=int_type(0, None, "a unit index (0, 1, ...)"), metavar="I",
                    help="run the I-th unit (0-based) of DIR's plan, e.g. $SLURM_ARRAY_TASK_ID")
     u.add_argument("--collect", metavar="DIR", help="merge DIR's unit results into results.csv / .json and plots")
     u.add_argument("--status", metavar="DIR", help="print DIR's done / running / failed / missing units")
     from .cluster import add_executor_arguments
     add_executor_arguments(p)
-
-
-def _index(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a unit index (0, 1, ...), not '{v}'") from None
-    if i < 0:
-        raise argparse.ArgumentTypeError(f"expected a unit index (0, 1, ...), not {i}")
-    return i
 
 
 def grid(a) -> list[dict]:
@@ -535,18 +524,10 @@ def _run_pool(a, out: Path, points: list[dict]) -> int:
             # Each worker gets its share of the cores for every thread pool it loads (torch, numba,
             # BLAS); spawned children read these at start-up, before they import numpy.
             share = str(max(1, units.usable_cores() // a.jobs))
-            saved = {k: os.environ.get(k) for k in THREAD_POOLS}
-            os.environ.update({k: share for k in THREAD_POOLS})
-            try:
+            with cluster.environ({k: share for k in THREAD_POOLS}):
                 with ctx.Pool(a.jobs, initializer=_init_worker, initargs=(a_dict,)) as pool:
                     for row in pool.imap_unordered(_run_point, todo):
                         record(row)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
     bar.close()
     write_results([done[point_key(p)] for p in points if point_key(p) in done], out)
     return 0
