@@ -45,8 +45,10 @@ def test_zero_fraction_none_is_identity():
 
 @pytest.mark.parametrize("frac", ["0", "1", "-0.5", "1.5"])
 def test_bad_fraction(capsys, frac):
-    assert main(["clipping", "--fraction", frac]) == 2
-    assert "--fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:              # argparse's range type, before any work
+        main(["clipping", "--fraction", frac])
+    assert e.value.code == 2
+    assert "argument --fraction: expected a number in (0, 1)" in capsys.readouterr().err
 
 
 def test_clipping_command(capsys, tmp_path):

@@ -95,8 +95,10 @@ def test_sensitivity_command(capsys, tmp_path):
 
 
 def test_sensitivity_bad_input(capsys, tmp_path):
-    assert main(["sensitivity", "--batch-size", "0"]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:              # argparse's range type, before any work
+        main(["sensitivity", "--batch-size", "0"])
+    assert e.value.code == 2
+    assert "argument --batch-size: expected a positive integer, not 0" in capsys.readouterr().err
     assert main(["sensitivity", "--program", str(tmp_path / "missing.safetensors")]) == 2
 
 
