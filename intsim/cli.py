@@ -50,7 +50,14 @@ def _module(cmd: str):
     return importlib.import_module(f"intsim.studies.{_MODULE_OF.get(cmd, cmd)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command (``only`` None), or of the command ``only`` with the others
+    listed by name and help line alone: their options import calib, torch or numba, which a
+    command that does not need them (``--help``, ``inspect``, ``export``, ``hw``, ``sweep
+    --status``) should not pay for."""
+    def wanted(name: str) -> bool:
+        return only is None or only == name
+
     ap = argparse.ArgumentParser(
         prog="intsim",
         description="DopQ-ViT post-training quantization of Vision Transformers and a bit-exact "
@@ -64,6 +71,52 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images: float (timm), fake-quant (the paper's semantics), engine (Numba, integer "
                                    "only) and golden (plain integer reference, on the first --golden-images). "
                                    "Prints a table; --json writes the same figures.")
+    if wanted("run"):
+        _add_run_arguments(r)
+
+    c = sub.add_parser("calibrate", help="calibrate and write the integer program",
+                       description="Calibrate the model with DopQ-ViT (or a baseline) and write the integer "
+                                   "program file (safetensors + JSON header).")
+    if wanted("calibrate"):
+        options.add_model_args(c)
+        options.add_calib_args(c)
+        c.add_argument("-o", "--out", required=True, metavar="FILE", help="program file to write")
+
+    i = sub.add_parser("inspect", help="summarize a program file or an exported .onnx graph",
+                       description="Print a program's model, settings, provenance and op list; for a file whose "
+                                   "name ends in .onnx, the graph's flavour, opsets, node counts per op type and "
+                                   "initializer count and bytes.")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+
+    x = sub.add_parser("export", help="write the program as a standard ONNX graph (onnxruntime, no custom ops)",
+                       description="Export an integer program as an ONNX graph (uint8 image in, int64 logits out) "
+                                   "that onnxruntime executes bit for bit like the engine; see docs/onnx.md. "
+                                   "Needs the onnx extra: pip install 'intsim[onnx]'.")
+    x.add_argument("program", metavar="PROGRAM", help="program file (from 'intsim calibrate')")
+    x.add_argument("-o", "--out", required=True, metavar="FILE", help="ONNX file to write")
+    x.add_argument("--flavor", choices=("onnx", "qonnx"), default="onnx",
+                   help="onnx: standard operators only (default); qonnx: the post-softmax encoders as QONNX "
+                        "MultiThreshold nodes (domain qonnx.custom_op.general), the rest as onnx")
+
+    for name, help_line in MODULE_COMMANDS.items():
+        if not wanted(name):
+            sub.add_parser(name, help=help_line)
+            continue
+        mod = _module(name)
+        mod.add_arguments(sub.add_parser(name, help=help_line, description=mod.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+
+    b = sub.add_parser("bundle", help="(maintainers) rebuild the bundled CIFAR-10 image set",
+                       description="Draw the bundled calibration and evaluation images from the CIFAR-10 zip.")
+    b.add_argument("cifar_zip")
+    b.add_argument("--calib", type=options.positive, default=1024)
+    b.add_argument("--eval", type=options.positive, default=2000)
+    return ap
+
+
+def _add_run_arguments(r: argparse.ArgumentParser) -> None:
+    """The options of ``intsim run``."""
     options.add_model_args(r)
     options.add_calib_args(r)
     g = r.add_argument_group("evaluation")
@@ -88,42 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --onnx: run onnxruntime on the first N evaluation images, or 'all' (default: all)")
     from .studies.cluster import add_executor_arguments
     add_executor_arguments(r, run_command=True)
-
-    c = sub.add_parser("calibrate", help="calibrate and write the integer program",
-                       description="Calibrate the model with DopQ-ViT (or a baseline) and write the integer "
-                                   "program file (safetensors + JSON header).")
-    options.add_model_args(c)
-    options.add_calib_args(c)
-    c.add_argument("-o", "--out", required=True, metavar="FILE", help="program file to write")
-
-    i = sub.add_parser("inspect", help="summarize a program file or an exported .onnx graph",
-                       description="Print a program's model, settings, provenance and op list; for a file whose "
-                                   "name ends in .onnx, the graph's flavour, opsets, node counts per op type and "
-                                   "initializer count and bytes.")
-    i.add_argument("file", metavar="FILE")
-    i.add_argument("--json", metavar="FILE", help="write the summary as JSON")
-
-    x = sub.add_parser("export", help="write the program as a standard ONNX graph (onnxruntime, no custom ops)",
-                       description="Export an integer program as an ONNX graph (uint8 image in, int64 logits out) "
-                                   "that onnxruntime executes bit for bit like the engine; see docs/onnx.md. "
-                                   "Needs the onnx extra: pip install 'intsim[onnx]'.")
-    x.add_argument("program", metavar="PROGRAM", help="program file (from 'intsim calibrate')")
-    x.add_argument("-o", "--out", required=True, metavar="FILE", help="ONNX file to write")
-    x.add_argument("--flavor", choices=("onnx", "qonnx"), default="onnx",
-                   help="onnx: standard operators only (default); qonnx: the post-softmax encoders as QONNX "
-                        "MultiThreshold nodes (domain qonnx.custom_op.general), the rest as onnx")
-
-    for name, help_line in MODULE_COMMANDS.items():
-        mod = _module(name)
-        mod.add_arguments(sub.add_parser(name, help=help_line, description=mod.__doc__,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter))
-
-    b = sub.add_parser("bundle", help="(maintainers) rebuild the bundled CIFAR-10 image set",
-                       description="Draw the bundled calibration and evaluation images from the CIFAR-10 zip.")
-    b.add_argument("cifar_zip")
-    b.add_argument("--calib", type=options.positive, default=1024)
-    b.add_argument("--eval", type=options.positive, default=2000)
-    return ap
 
 
 # ---- commands -------------------------------------------------------------------------
@@ -367,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 checked and found different (``vectors --check``); 2 bad input (one
     line on stderr, no traceback, no partial output); 130 interrupted (Ctrl-C)."""
     try:
-        ap = build_parser()
-        a = ap.parse_args(argv)
+        args = sys.argv[1:] if argv is None else list(argv)
+        command = next((x for x in args if not x.startswith("-")), "")     # top-level options take no value
+        ap = build_parser(command if command in COMMANDS else "")
+        a = ap.parse_args(args)
         if not a.cmd:
             ap.print_help()
             return 2

@@ -5,9 +5,12 @@ DeiT-Tiny's width (embed dim 192, 3 heads, MLP ratio 4) and depth 6.
 """
 from __future__ import annotations
 
-from timm.models.vision_transformer import VisionTransformer
+from typing import TYPE_CHECKING
 
 from .cifar import MEAN, STD
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 NAME = "cifar10_vit_d6"
 CONFIG = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, num_classes=10)
@@ -18,4 +21,5 @@ DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation="bicubic", crop_pct=1.0
 def build(drop_path_rate: float = 0.0, patch_drop_rate: float = 0.0) -> VisionTransformer:
     """The architecture; ``patch_drop_rate`` (timm's PatchDropout, training mode only: a random
     share of the patch tokens is left out of each image) changes training, not the model."""
+    from timm.models.vision_transformer import VisionTransformer
     return VisionTransformer(**CONFIG, drop_path_rate=drop_path_rate, patch_drop_rate=patch_drop_rate)

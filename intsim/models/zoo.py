@@ -20,13 +20,15 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from intsim.data import ASSETS as ASSET_DIR
 from intsim.errors import UserError
 
 from . import cifar_model
+
+if TYPE_CHECKING:       # torch and timm are imported where a model is built or read, so that the
+    import torch        # command line (--help, inspect, export, hw, sweep --status) starts without them
 
 
 
@@ -86,6 +88,7 @@ def data_config(spec: ModelSpec) -> dict:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -154,6 +157,7 @@ def load_model(name: str, *, weights: str = "pretrained", checkpoint: str | None
     spec = resolve(name)
     if weights not in ("pretrained", "random"):
         raise UserError(f"--weights must be 'pretrained' or 'random', not '{weights}'")
+    import torch
     torch.manual_seed(seed)
     model = build(spec)
     info: dict = {"model": spec.name, "timm_name": spec.timm_name}
