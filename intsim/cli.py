@@ -351,12 +351,10 @@ def _inspect_onnx(a) -> int:
 
 def cmd_export(a) -> int:
     from intsim.program.format import load
+    from .onnx_run import require
     check_writable(a.out, "ONNX file")
-    try:
-        from .onnx_export import export_onnx
-        import onnx  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"intsim export needs onnx and onnxruntime (pip install 'intsim[onnx]'): {e}") from None
+    require(what="intsim export")
+    from .onnx_export import export_onnx
     prog = load(a.program)
     t0 = time.perf_counter()
     info = export_onnx(prog, a.out, flavor=a.flavor)

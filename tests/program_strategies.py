@@ -64,10 +64,7 @@ def corrupted_files(draw):
     if kind == "header":
         path = draw(st.sampled_from(_header_paths(header)))
         value = draw(json_values)
-        node = header
-        for p in path[:-1]:
-            node = node[p]
-        node[path[-1]] = value
+        fuzz.set_path(list(path), value)(header)
         what = f"header {'.'.join(map(str, path))} = {str(value)[:40]}"
     else:
         kinds = "iu" if kind in ("int", "bit") else "f"

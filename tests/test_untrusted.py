@@ -55,15 +55,6 @@ def set_attr(name, attr, v):
     return fn
 
 
-def set_path(path, v):
-    def fn(h):
-        d = h
-        for p in path[:-1]:
-            d = d[p]
-        d[path[-1]] = v
-    return fn
-
-
 def flip_bit(key, index, bit):
     def fn(t):
         a = t[key]
@@ -87,17 +78,17 @@ REPRODUCERS = [
     ("thresholds reversed", None, lambda t: t.__setitem__(f"{CORE}.thresholds", t[f"{CORE}.thresholds"][::-1].copy()),
      "thresholds sorted"),
     ("gelu table out of range", None, fill("blocks.0.mlp.gelu.table", 99), "table (an element) = 99 breaks"),
-    ("settings a number", set_path(["settings"], 3), None, "'settings' = 3 is not a JSON dict"),
-    ("values a list", set_path(["values"], []), None, "'values' = [] is not a JSON dict"),
-    ("ops null", set_path(["ops"], None), None, "'ops' = None is not a JSON list"),
-    ("an op a number", set_path(["ops", 3], 7), None, "an op is 7, not an object"),
-    ("a shape a number", set_path(["values", "blocks.0.norm1", "shape"], 5), None, "shape = 5 is not a list"),
-    ("attrs a list", set_path(["ops", 1, "attrs"], [1, 2]), None, "attrs = [1, 2] is not an object"),
-    ("abits 10^30", set_path(["settings", "abits"], 10 ** 30), None, "abits = an integer of 100 bits"),
-    ("exp_frac_bits 10^30", set_path(["settings", "exp_frac_bits"], 10 ** 30), None, "exp_frac_bits = an integer of 100 bits"),
-    ("gelu_bits 10^30", set_path(["settings", "gelu_bits"], 10 ** 30), None, "gelu_bits = an integer of 100 bits"),
-    ("prob_bits 10^30", set_path(["settings", "prob_bits"], 10 ** 30), None, "prob_bits = an integer of 100 bits"),
-    ("mult_bits 10^30", set_path(["settings", "mult_bits"], 10 ** 30), None, "mult_bits = an integer of 100 bits"),
+    ("settings a number", fuzz.set_path(["settings"], 3), None, "'settings' = 3 is not a JSON dict"),
+    ("values a list", fuzz.set_path(["values"], []), None, "'values' = [] is not a JSON dict"),
+    ("ops null", fuzz.set_path(["ops"], None), None, "'ops' = None is not a JSON list"),
+    ("an op a number", fuzz.set_path(["ops", 3], 7), None, "an op is 7, not an object"),
+    ("a shape a number", fuzz.set_path(["values", "blocks.0.norm1", "shape"], 5), None, "shape = 5 is not a list"),
+    ("attrs a list", fuzz.set_path(["ops", 1, "attrs"], [1, 2]), None, "attrs = [1, 2] is not an object"),
+    ("abits 10^30", fuzz.set_path(["settings", "abits"], 10 ** 30), None, "abits = an integer of 100 bits"),
+    ("exp_frac_bits 10^30", fuzz.set_path(["settings", "exp_frac_bits"], 10 ** 30), None, "exp_frac_bits = an integer of 100 bits"),
+    ("gelu_bits 10^30", fuzz.set_path(["settings", "gelu_bits"], 10 ** 30), None, "gelu_bits = an integer of 100 bits"),
+    ("prob_bits 10^30", fuzz.set_path(["settings", "prob_bits"], 10 ** 30), None, "prob_bits = an integer of 100 bits"),
+    ("mult_bits 10^30", fuzz.set_path(["settings", "mult_bits"], 10 ** 30), None, "mult_bits = an integer of 100 bits"),
     ("mult 10^30", set_attr("blocks.0.add1", "mult", 10 ** 30), None, "mult = an integer of 100 bits"),
     ("zp 10^30", set_attr(CORE, "zp", 10 ** 30), None, "zp = an integer of 100 bits"),
     ("lo 10^30", set_attr("blocks.0.norm1", "lo", 10 ** 30), None, "lo = an integer of 100 bits"),
@@ -116,16 +107,16 @@ REPRODUCERS = [
     ("NaN weight scale", None, fill("blocks.0.attn.q.w_scale", np.nan), "w_scale holds NaN, infinity"),
     ("NaN LayerNorm gamma", None, fill("blocks.0.norm1.gamma", np.nan), "gamma holds NaN, infinity"),
     ("float64 scale above float32", None, fill("blocks.0.attn.q.w_scale", 1e300), "magnitude above float32's"),
-    ("head scale NaN", set_path(["values", "head", "scale"], float("nan")), None, "non-JSON number NaN"),
-    ("head scale inf", set_path(["values", "head", "scale"], float("inf")), None, "non-JSON number Infinity"),
-    ("head scale 0", set_path(["values", "head", "scale"], 0.0), None, "scale = 0.0 breaks 0 < scale < inf"),
-    ("head scale negative", set_path(["values", "head", "scale"], -1.0), None, "scale = -1.0 breaks"),
-    ("image not patches", set_path(["values", "image", "shape"], [3, 10, 8]), None, "multiples of patch = 4"),
-    ("version true", set_path(["version"], True), None, "version True is not supported"),
-    ("abits 9", set_path(["settings", "abits"], 9), None, "wbits and abits must be in 2..8"),
-    ("exp_frac_bits 40", set_path(["settings", "exp_frac_bits"], 40), None, "exp_frac_bits (E) must be in 0..12"),
-    ("provenance seed a string", set_path(["provenance", "seed"], "abc"), None, "provenance.seed = 'abc' is not"),
-    ("calibration record a number", set_path(["provenance", "calibration"], 5), None, "provenance.calibration = 5"),
+    ("head scale NaN", fuzz.set_path(["values", "head", "scale"], float("nan")), None, "non-JSON number NaN"),
+    ("head scale inf", fuzz.set_path(["values", "head", "scale"], float("inf")), None, "non-JSON number Infinity"),
+    ("head scale 0", fuzz.set_path(["values", "head", "scale"], 0.0), None, "scale = 0.0 breaks 0 < scale < inf"),
+    ("head scale negative", fuzz.set_path(["values", "head", "scale"], -1.0), None, "scale = -1.0 breaks"),
+    ("image not patches", fuzz.set_path(["values", "image", "shape"], [3, 10, 8]), None, "multiples of patch = 4"),
+    ("version true", fuzz.set_path(["version"], True), None, "version True is not supported"),
+    ("abits 9", fuzz.set_path(["settings", "abits"], 9), None, "wbits and abits must be in 2..8"),
+    ("exp_frac_bits 40", fuzz.set_path(["settings", "exp_frac_bits"], 40), None, "exp_frac_bits (E) must be in 0..12"),
+    ("provenance seed a string", fuzz.set_path(["provenance", "seed"], "abc"), None, "provenance.seed = 'abc' is not"),
+    ("calibration record a number", fuzz.set_path(["provenance", "calibration"], 5), None, "provenance.calibration = 5"),
     ("exp_bits 31", set_attr(CORE, "exp_bits", 31), None, "exp_bits = 31 breaks exp_bits == settings"),
 ]
 

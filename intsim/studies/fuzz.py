@@ -90,6 +90,16 @@ def file_bytes(header: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
                    metadata={META_KEY: json.dumps(header, sort_keys=True, allow_nan=True)})
 
 
+def set_path(path: list, v: Any) -> Callable[[dict[str, Any]], None]:
+    """A header mutation: set the field at ``path`` (keys and list indices) to ``v``, in place."""
+    def fn(h: dict[str, Any]) -> None:
+        d = h
+        for p in path[:-1]:
+            d = d[p]
+        d[path[-1]] = v
+    return fn
+
+
 def base_program(seed: int = 0):
     """The program every mutant starts from: a valid 2-block tiny ViT (8x8 images, 5 tokens)."""
     return make_program(seed)
@@ -108,20 +118,12 @@ def mutants(n: int, seed: int = 0) -> list[Mutant]:
         fn(h)
         out.append(Mutant(kind, what, file_bytes(h, t0)))
 
-    def setter(path: list, v: Any) -> Callable[[dict[str, Any]], None]:
-        def fn(h):
-            d = h
-            for p in path[:-1]:
-                d = d[p]
-            d[path[-1]] = v
-        return fn
-
     # fixed reproducers of the issue first
-    header_mut("header", "settings a number", setter(["settings"], 3))
-    header_mut("header", "values a list", setter(["values"], []))
-    header_mut("header", "ops null", setter(["ops"], None))
-    header_mut("header", "version true", setter(["version"], True))
-    header_mut("header", "exp_frac_bits 10^30", setter(["settings", "exp_frac_bits"], 10 ** 30))
+    header_mut("header", "settings a number", set_path(["settings"], 3))
+    header_mut("header", "values a list", set_path(["values"], []))
+    header_mut("header", "ops null", set_path(["ops"], None))
+    header_mut("header", "version true", set_path(["version"], True))
+    header_mut("header", "exp_frac_bits 10^30", set_path(["settings", "exp_frac_bits"], 10 ** 30))
     out.append(Mutant("json", "header nested 100000 deep", _with_header_text(good, "[" * 100000 + "]" * 100000)))
     out.append(Mutant("json", "abits of 10^6 digits",
                       _with_header_text(good, json.dumps(h0).replace('"abits": 4', '"abits": 1' + "0" * 1000000))))
@@ -135,37 +137,37 @@ def mutants(n: int, seed: int = 0) -> list[Mutant]:
         v = BAD_VALUES[rng.integers(len(BAD_VALUES))]
         if r < 8:
             k = top[rng.integers(len(top))]
-            header_mut("header", f"{k} = {v!r}", setter([k], v))
+            header_mut("header", f"{k} = {v!r}", set_path([k], v))
         elif r < 12:
             part, k = RECORD[rng.integers(len(RECORD))]
-            header_mut("header", f"{part}.{k} = {v!r}", setter([part, k], v))
+            header_mut("header", f"{part}.{k} = {v!r}", set_path([part, k], v))
         elif r < 30:
             k = sorted(h0["settings"])[rng.integers(len(h0["settings"]))]
-            header_mut("header", f"settings.{k} = {v!r}", setter(["settings", k], v))
+            header_mut("header", f"settings.{k} = {v!r}", set_path(["settings", k], v))
         elif r < 52:
             i = int(rng.integers(len(ops)))
             attrs = sorted(ops[i]["attrs"])
             if not attrs or rng.random() < 0.15:
                 key = ["name", "type", "inputs", "output", "attrs"][rng.integers(5)]
-                header_mut("attr", f"{names[i]}.{key} = {v!r}", setter(["ops", i, key], v))
+                header_mut("attr", f"{names[i]}.{key} = {v!r}", set_path(["ops", i, key], v))
             else:
                 a = attrs[rng.integers(len(attrs))]
-                header_mut("attr", f"{names[i]}.{a} = {v!r}", setter(["ops", i, "attrs", a], v))
+                header_mut("attr", f"{names[i]}.{a} = {v!r}", set_path(["ops", i, "attrs", a], v))
         elif r < 62:
             vn = sorted(h0["values"])[rng.integers(len(h0["values"]))]
             key = ["kind", "bits", "shape", "scale", "zero_point"][rng.integers(5)]
             if key == "shape" and rng.random() < 0.5:
                 v = [int(x) for x in rng.integers(-2, 20, size=rng.integers(1, 4))]
-            header_mut("value", f"values.{vn}.{key} = {v!r}", setter(["values", vn, key], v))
+            header_mut("value", f"values.{vn}.{key} = {v!r}", set_path(["values", vn, key], v))
         elif r < 66:
             i = int(rng.integers(len(ops)))
             op = dict(ops[i])
             if op["type"] == "attention":
                 v = [3, "log2", {}, {"type": "log2", "delta": -1.0}, {"type": "log2", "delta": float("nan")},
                      {"type": "nope"}, {"type": "uniform", "scale": 1e300}][rng.integers(7)]
-                header_mut("attr", f"{names[i]}.softmax_quant = {v!r}", setter(["ops", i, "attrs", "softmax_quant"], v))
+                header_mut("attr", f"{names[i]}.softmax_quant = {v!r}", set_path(["ops", i, "attrs", "softmax_quant"], v))
             else:
-                header_mut("attr", f"ops[{i}] = {v!r}", setter(["ops", i], v))
+                header_mut("attr", f"ops[{i}] = {v!r}", set_path(["ops", i], v))
         elif r < 90:
             k = int_tensors[rng.integers(len(int_tensors))]
             a = t0[k].copy()

@@ -40,6 +40,7 @@ import numpy as np
 
 from intsim import ops as registry
 from intsim.ops.base import SHIFT_BITS, value_range, value_width
+from intsim.program.format import is_int
 from intsim.program.program import json_default
 from reference.golden import run as golden_run
 
@@ -410,9 +411,6 @@ def check_manifest(man: Any, where: str) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise UserError(f"{where}: {msg}")
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
 
     need(isinstance(man, dict), "not a JSON object")
     need(man.get("format") == "intsim-vectors" and man.get("version") == 1,
