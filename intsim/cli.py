@@ -135,7 +135,7 @@ def _add_run_arguments(r: argparse.ArgumentParser) -> None:
     g.add_argument("--logits", metavar="FILE",
                    help="write every level's logits (npz: float, fakequant, engine_int, golden_int, labels, ids)")
     g.add_argument("--onnx", action="store_true",
-                   help="fifth level: export the program to ONNX (temporary file) and run it with onnxruntime; "
+                   help="fifth level: the program as an ONNX graph (built in memory) run by onnxruntime; "
                         "reports the logits that differ from the engine (needs the onnx extra)")
     g.add_argument("--onnx-images", type=options.count_or_all, default=None,
                    help="with --onnx: run onnxruntime on the first N evaluation images, or 'all' (default: all)")

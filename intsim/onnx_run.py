@@ -11,7 +11,6 @@ comparison with the engine, the readable summary of a ``.onnx`` file).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .onnx_export import INPUT, OUTPUT, export_onnx, run_onnx, session, summary
+from .onnx_export import INPUT, OUTPUT, build_onnx, run_onnx, session, summary
 
 
 def require(qonnx: bool = False, what: str = "this command") -> None:
@@ -68,19 +67,13 @@ class _Logits:
 class OnnxLevel:
     """The exported program (standard flavour) in onnxruntime, as a level of ``intsim run``.
 
-    The program is exported to a temporary file (removed at once after the session is opened:
-    onnxruntime reads it fully), so the level evaluates exactly the bytes ``intsim export`` writes.
+    The graph is built in memory (``build_onnx``, the model ``intsim export`` serializes) and handed
+    to onnxruntime as those bytes, so the level evaluates exactly what ``intsim export`` writes.
     Calling it on a batch returns an object with ``.logits`` (int64) like the engine's results."""
 
     def __init__(self, prog, batch_size: int = 64):
-        fd, tmp = tempfile.mkstemp(prefix="intsim-run-", suffix=".onnx")
-        os.close(fd)
-        try:
-            self.info = export_onnx(prog, tmp)
-            self.sess = session(tmp)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        m = build_onnx(prog)
+        self.info, self.sess = summary(m), session(m)
         self.batch_size = batch_size
 
     def __call__(self, images: np.ndarray) -> _Logits:

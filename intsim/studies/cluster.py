@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from ..options import non_negative, positive
+from ..options import non_negative, positive, write_json_atomic
 from . import units
 
 EXECUTORS = ("local", "slurm")
@@ -205,17 +205,19 @@ def _result(key: str, j) -> list[tuple[str, str]]:
         return [(key, " ".join(str(e).split())[-300:] + f" (log: {j.paths.stderr})")]
 
 
+def _read_record(path: Path) -> dict:
+    """The job record of a folder (unit key -> job id and log paths); empty when missing or unreadable."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _record(path: Path | None, jobs) -> None:
     """Remember which job runs which unit (for --status: the logs of failed units)."""
     if path is None:
         return
-    from ..options import write_json_atomic
-    rec = {}
-    if path.exists():
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            rec = {}
+    rec = _read_record(path)
     for key, j in jobs:
         rec[key] = {"job_id": str(j.job_id), "stdout": str(j.paths.stdout), "stderr": str(j.paths.stderr),
                     "submitted": time.time()}
@@ -254,12 +256,7 @@ def run_sweep_units(a, out: Path, plan: dict) -> int:
 def print_status(out: Path) -> int:
     """``--status DIR``: done / running / failed / missing units, with the failed units' last log lines."""
     plan = units.read_plan(out)
-    rec = {}
-    if (out / SUBMITTED).exists():
-        try:
-            rec = json.loads((out / SUBMITTED).read_text())
-        except (OSError, ValueError):
-            rec = {}
+    rec = _read_record(out / SUBMITTED)
     states: dict[str, list] = {"done": [], "running": [], "failed": [], "missing": []}
     for u in plan["units"]:
         st, detail = units.unit_state(out / units.UNITS / u["file"])
@@ -309,7 +306,6 @@ def evaluate_sharded(a, prog, data, n_images, n_golden, chunk: int):
     chunks of ``chunk`` as the unsharded run) and writes its logits; the merged :class:`Evaluation` is returned, so
     the report is built exactly as for an unsharded run."""
     from intsim.program.format import save
-    from ..options import write_json_atomic
     work = Path(a.work_dir or "intsim-shards").resolve()
     work.mkdir(parents=True, exist_ok=True)
     for f in list(work.glob("shard-*")):       # results of an earlier run of this folder
@@ -323,7 +319,7 @@ def evaluate_sharded(a, prog, data, n_images, n_golden, chunk: int):
             "golden": n_golden, "batch_size": a.batch_size, "chunk": chunk, "shards": a.shards,
             "work": str(work)}
     write_json_atomic(str(work / RUN_RECORD), args)
-    parallel = (a.jobs or _cores()) if a.executor == "local" else a.slurm_array_parallelism
+    parallel = (a.jobs or units.usable_cores()) if a.executor == "local" else a.slurm_array_parallelism
     job = UnitJob("intsim.studies.cluster:run_shard", args, unit_env(a, parallel))
     todo = [(f"shard {i + 1}/{a.shards}", i) for i in range(a.shards)]
     t0 = time.perf_counter()
@@ -333,15 +329,7 @@ def evaluate_sharded(a, prog, data, n_images, n_golden, chunk: int):
             print(f"intsim: {key} failed: {err}")
         raise SystemExit(1)
     print(f"{a.shards} shards evaluated in {time.perf_counter() - t0:.1f} s ({a.executor} executor, {work})")
-    parts = []
-    for i in range(a.shards):
-        meta, levels, _ = units.load_result(work / f"shard-{i}.npz")
-        parts.append(levels)
-    return units.merge_levels(parts)
-
-
-def _cores() -> int:
-    return units.usable_cores()
+    return units.merge_levels([units.load_result(work / f"shard-{i}.npz")[1] for i in range(a.shards)])
 
 
 def run_shard(args: dict, shard: int) -> None:

@@ -41,6 +41,8 @@ from . import energy as en
 DATAFLOWS = ("ws", "os", "is")
 DATAFLOW_NAMES = {"ws": "weight stationary", "os": "output stationary", "is": "input stationary"}
 DEFAULT_EPC = 16
+#: the traffic counts of a GEMM, an op and the total (words, per operand)
+TRAFFIC = ("sram_reads", "sram_writes", "dram_reads", "dram_writes")
 
 #: results of SCALE-Sim per (array rows, cols, dataflow, SRAM sizes, M, N, K), kept for the process
 _SIM_CACHE: dict[tuple, dict[str, Any]] = {}
@@ -276,7 +278,7 @@ def _gemm_figures(g: Gemm, sim: dict, table: dict, acc_bits: int) -> dict[str, A
     sram_bits = c * (sr["ifmap"] * g.a_bits + sr["filter"] * g.b_bits + sw["ofmap"] * acc_bits)
     dram_bits = c * (dr["ifmap"] * g.a_bits + dr["filter"] * g.b_bits + dw["ofmap"] * acc_bits)
     return {
-        **{k: v for k, v in asdict(g).items()},
+        **asdict(g),
         "macs": macs, "macs_width": f"{g.a_bits}x{g.b_bits}",
         "cycles": c * sim["cycles"], "compute_cycles": c * sim["compute_cycles"], "stall_cycles": c * sim["stall_cycles"],
         "cycles_with_dram": c * sim["cycles_with_dram"],
@@ -297,7 +299,8 @@ def _sum_dicts(items: list[dict[str, int]]) -> dict[str, int]:
     return out
 
 
-def hw_cost(prog, config: HwConfig | dict | None = None, progress: bool = False) -> dict[str, Any]:
+def hw_cost(prog, config: HwConfig | dict | None = None, progress: bool = False,
+            table: dict[str, Any] | None = None) -> dict[str, Any]:
     """Cycles, traffic and energy of ``prog`` per image on the array ``config`` (an ``HwConfig``,
     or a dict of its fields, ``array: "RxC"`` accepted): ``{"config", "energy_table", "ops",
     "total"}``; ``total`` carries flat columns for sweeps (``cycles``, ``energy_uj``, ...)."""
@@ -315,7 +318,7 @@ def hw_cost(prog, config: HwConfig | dict | None = None, progress: bool = False)
             cfg = HwConfig(**d)
         except TypeError as e:
             raise UserError(f"hw config: {e}") from None
-    table = en.load_table(cfg.energy_table)
+    table = table if table is not None else en.load_table(cfg.energy_table)
     acc_bits = int(prog.settings["acc_bits"])
     lowered = lower(prog)
     sims = simulate(cfg, [(g.m, g.n, g.k) for lo in lowered for g in lo.gemms], progress)
@@ -337,8 +340,7 @@ def hw_cost(prog, config: HwConfig | dict | None = None, progress: bool = False)
             "cycles_with_dram": sum(g["cycles_with_dram"] for g in gs) + unit_cycles,
             "stall_cycles": sum(g["stall_cycles"] for g in gs),
             "array_util_pct": 100.0 * macs / (gemm_cycles * pe) if gemm_cycles else None,
-            "sram_reads": _sum_dicts([g["sram_reads"] for g in gs]), "sram_writes": _sum_dicts([g["sram_writes"] for g in gs]),
-            "dram_reads": _sum_dicts([g["dram_reads"] for g in gs]), "dram_writes": _sum_dicts([g["dram_writes"] for g in gs]),
+            **{k: _sum_dicts([g[k] for g in gs]) for k in TRAFFIC},
             "energy_pj": e_pj,
         })
     tot_e = {k: sum(o["energy_pj"][k] for o in ops) for k in ("mac", "sram", "dram", "units", "total")}
@@ -353,35 +355,28 @@ def hw_cost(prog, config: HwConfig | dict | None = None, progress: bool = False)
         "array_util_pct": 100.0 * macs / (gemm_cycles * pe) if gemm_cycles else None,
         "gemm_shapes": len({(g["m"], g["n"], g["k"]) for o in ops for g in o["gemms"]}),
         "gemm_runs": sum(g["count"] for o in ops for g in o["gemms"]),
-        "sram_reads": _sum_dicts([o["sram_reads"] for o in ops]), "sram_writes": _sum_dicts([o["sram_writes"] for o in ops]),
-        "dram_reads": _sum_dicts([o["dram_reads"] for o in ops]), "dram_writes": _sum_dicts([o["dram_writes"] for o in ops]),
+        **{k: _sum_dicts([o[k] for o in ops]) for k in TRAFFIC},
         "unit_elements": _sum_dicts([{u: v["elements"] for u, v in o["units"].items()} for o in ops]),
         "energy_pj": tot_e, "energy_uj": tot_e["total"] / 1e6,
     }
     total["dram_words"] = sum(total["dram_reads"].values()) + sum(total["dram_writes"].values())
     return {"config": {**asdict(cfg), "array": f"{cfg.rows}x{cfg.cols}", "scalesim_mode": "CALC (bandwidth estimated)"},
-            "energy_table": {k: v for k, v in table.items()}, "ops": ops, "total": total}
+            "energy_table": dict(table), "ops": ops, "total": total}
 
 
 # ---- report ---------------------------------------------------------------------------
 
 def format_hw(res: dict) -> str:
     from ..options import text_table
-    rows = [["op", "type", "MACs", "cycles", "stall", "util %", "SRAM rd", "SRAM wr", "DRAM rd", "DRAM wr", "energy nJ"]]
-    for o in res["ops"]:
-        if not o["cycles"]:
-            continue
+    def row(name: str, typ: str, o: dict) -> list[str]:
         util = "" if o["array_util_pct"] is None else f"{o['array_util_pct']:.1f}"
-        rows.append([o["op"], o["type"], f"{o['macs']:,}", f"{o['cycles']:,}", f"{o['stall_cycles']:,}", util,
-                     f"{sum(o['sram_reads'].values()):,}", f"{sum(o['sram_writes'].values()):,}",
-                     f"{sum(o['dram_reads'].values()):,}", f"{sum(o['dram_writes'].values()):,}",
-                     f"{o['energy_pj']['total'] / 1e3:,.1f}"])
+        return [name, typ, f"{o['macs']:,}", f"{o['cycles']:,}", f"{o['stall_cycles']:,}", util,
+                *(f"{sum(o[k].values()):,}" for k in TRAFFIC), f"{o['energy_pj']['total'] / 1e3:,.1f}"]
+
+    rows = [["op", "type", "MACs", "cycles", "stall", "util %", "SRAM rd", "SRAM wr", "DRAM rd", "DRAM wr", "energy nJ"]]
+    rows += [row(o["op"], o["type"], o) for o in res["ops"] if o["cycles"]]
     t = res["total"]
-    rows.append(["total", "", f"{t['macs']:,}", f"{t['cycles']:,}", f"{t['stall_cycles']:,}",
-                 "" if t["array_util_pct"] is None else f"{t['array_util_pct']:.1f}",
-                 f"{sum(t['sram_reads'].values()):,}", f"{sum(t['sram_writes'].values()):,}",
-                 f"{sum(t['dram_reads'].values()):,}", f"{sum(t['dram_writes'].values()):,}",
-                 f"{t['energy_pj']['total'] / 1e3:,.1f}"])
+    rows.append(row("total", "", t))
     e = t["energy_pj"]
     c = res["config"]
     lines = [text_table(rows), "",
@@ -470,15 +465,13 @@ def run(a) -> int:
     from ..options import check_writable, print_report
     from intsim.program.format import load
     rows, cols = parse_array(a.array)
-    if a.dataflow not in DATAFLOWS:
-        raise UserError(f"unknown dataflow '{a.dataflow}' (choose from {', '.join(DATAFLOWS)})")
     cfg = HwConfig(rows=rows, cols=cols, dataflow=a.dataflow, sram_kb=parse_sram(a.sram_kb),
                    softmax_epc=a.softmax_epc, layernorm_epc=a.layernorm_epc, gelu_epc=a.gelu_epc,
                    add_epc=a.add_epc, energy_table=a.energy_table)
-    en.load_table(cfg.energy_table)                       # a bad table fails before the program loads
+    table = en.load_table(cfg.energy_table)               # a bad table fails before the program loads
     check_writable(a.json, "JSON report")
     prog = load(a.program)
-    res = hw_cost(prog, cfg, progress=not getattr(a, "no_progress", False))
+    res = hw_cost(prog, cfg, progress=not getattr(a, "no_progress", False), table=table)
     title = (f"{a.program}: {rows}x{cols} array, {DATAFLOW_NAMES[cfg.dataflow]}, SRAM "
              f"{'/'.join(str(v) for v in cfg.sram_kb)} KB (input/filter/output), batch 1")
     return print_report(title, format_hw(res), {"program": a.program, **res}, a.json)

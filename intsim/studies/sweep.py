@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..options import write_json_atomic
 from ..program.program import write_atomic
 from . import cluster, units
 
@@ -420,7 +421,6 @@ def _flatten_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
 
 def write_results(rows: list[dict], out: Path) -> None:
     """results.csv, results.json (atomically), the table and the plots."""
-    from ..options import write_json_atomic
     cols, flat = _flatten_rows(rows)
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\r\n")
@@ -481,7 +481,6 @@ def run(a) -> int:
 def _run_pool(a, out: Path, points: list[dict]) -> int:
     """The single-machine sweep: points in ``--jobs`` worker processes, rows appended to results.jsonl."""
     from tqdm import tqdm
-    from ..options import write_json_atomic
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(str(out / units.CONFIG), folder_config(a, points))
     log = out / "results.jsonl"
@@ -522,9 +521,8 @@ def _run_pool(a, out: Path, points: list[dict]) -> int:
             import multiprocessing as mp
             ctx = mp.get_context("spawn")
             # Each worker gets its share of the cores for every thread pool it loads (torch, numba,
-            # BLAS); spawned children read these at start-up, before they import numpy.
-            share = str(max(1, units.usable_cores() // a.jobs))
-            with cluster.environ({k: share for k in THREAD_POOLS}):
+            # BLAS), as a unit does; spawned children read these at start-up, before they import numpy.
+            with cluster.environ(cluster.unit_env(a, a.jobs)):
                 with ctx.Pool(a.jobs, initializer=_init_worker, initargs=(a_dict,)) as pool:
                     for row in pool.imap_unordered(_run_point, todo):
                         record(row)
@@ -533,15 +531,11 @@ def _run_pool(a, out: Path, points: list[dict]) -> int:
     return 0
 
 
-THREAD_POOLS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-
-
 # ---- units: plan, one unit, collect ---------------------------------------------------------
 
 def make_plan(a, out: Path, points: list[dict], recorded: dict | None) -> dict:
     """Write (or extend) ``plan.json``: every point x shard as a unit with a stable key. A folder
     planned with K shards keeps K (its finished units would not merge with another K)."""
-    from ..options import write_json_atomic
     old = units.read_plan(out) if (out / units.PLAN).exists() else None
     shards = a.shards or (old["shards"] if old else 1)
     if old and old["shards"] != shards:
